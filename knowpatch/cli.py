@@ -1,0 +1,354 @@
+"""The `knowpatch` command: edit a model's facts, keep each edit as a patch, prove it worked.
+
+Every command takes --model, --device and --dtype; editing commands take --config FILE.yaml
+and trailing key=value overrides of the method's settings (`lr=1e-3 rank=4 seed=1`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .config import load_yaml, parse_overrides
+from .errors import KnowpatchError
+from .evaluate import SCORE_KEYS
+from .methods import METHODS
+from .models import DEFAULT_MODEL
+from .patches import PatchStore
+from .requests import EditRequest, LocalityProbe
+
+app = typer.Typer(
+    help="Edit what a causal language model knows, keep each edit as a removable patch, "
+    "and measure it honestly (reliability, generalization, locality) beside the unedited "
+    "model. Start with `knowpatch demo`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+patches_app = typer.Typer(help="List, show and remove saved patches.", no_args_is_help=True)
+app.add_typer(patches_app, name="patches")
+
+err = Console(stderr=True)
+# Tables need room: when stdout is not a terminal, do not squeeze them to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 140)
+
+DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+DEMO_PARAPHRASE = "Where is the Eiffel Tower? It stands in the city of"
+DEMO_NEIGHBORS = ["The Louvre is located in the city of", "The capital of Germany is"]
+
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                        help="Alias (smollm2-135m, the embedded default), local HF folder or hub id.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: fp32 on "
+                        "CPU, bf16 on GPU).")
+StoreOpt = typer.Option(None, "--store", help="Patch store folder (default: "
+                        "$KNOWPATCH_HOME/patches, KNOWPATCH_HOME defaulting to ~/.cache/knowpatch).")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _store(store: Path | None) -> PatchStore:
+    from .editor import default_store
+
+    return PatchStore(store) if store else default_store()
+
+
+def _editor(model: str, device: str, dtype: str | None, store: Path | None):
+    from .editor import Editor
+
+    with err.status(f"loading {model} (converted once on first use)…"):
+        return Editor.from_pretrained(model, device=device, dtype=dtype, store=_store(store))
+
+
+def _method_config(method: str, config: Path | None, overrides: list[str] | None) -> tuple[str, dict]:
+    values: dict[str, Any] = load_yaml(config) if config else {}
+    method = values.pop("method", None) or method
+    if method not in METHODS:
+        _fail(f"method: unknown method {method!r} (available: {', '.join(METHODS)})")
+    values.update(parse_overrides(overrides))
+    return method, values
+
+
+def _request(prompt: str, target: str, ground_truth: str | None, subject: str | None,
+             paraphrase: list[str] | None, neighbor: list[str] | None) -> EditRequest:
+    return EditRequest(prompt=prompt, target_new=target, ground_truth=ground_truth,
+                       subject=subject, rephrase_prompts=paraphrase or [],
+                       locality=neighbor or [])
+
+
+def _scores_table(rows: list[tuple[str, dict]], title: str = "scores (%)") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    keys = [k for k in SCORE_KEYS if any(r.get(k) is not None for _, r in rows)]
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, row in rows:
+        table.add_row(name, *("–" if row.get(k) is None else f"{row[k]:.1f}" for k in keys))
+    return table
+
+
+def _json_scores(scores: dict | None) -> dict:
+    return {k: (scores or {}).get(k) for k in SCORE_KEYS}
+
+
+def _run(fn, *args, **kwargs):
+    """Run a command body; bad input becomes one red line and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except KnowpatchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing half-written was kept", 130)
+
+
+# ---- demo -----------------------------------------------------------------------------
+@app.command()
+def demo(
+    model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+    store: Path | None = StoreOpt,
+    target: str = typer.Option("Rome", help="The new answer to teach."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Edit "The Eiffel Tower is located in the city of" → Rome on the embedded model and
+    show what changed: the fact, a paraphrase, and two neighbours that must not change."""
+    _setup_logging(verbose)
+    _run(_demo, model, device, dtype, store, target)
+
+
+def _demo(model, device, dtype, store, target) -> None:
+    editor = _editor(model, device, dtype, store)
+    req = EditRequest(DEMO_PROMPT, target, ground_truth="Paris", subject="Eiffel Tower",
+                      rephrase_prompts=[DEMO_PARAPHRASE], locality=DEMO_NEIGHBORS)
+    err.print(f"editing [bold]{DEMO_PROMPT}[/] → [bold]{target}[/] with LoRA SFT…")
+    patch = editor.edit(req)
+
+    # The continuations shown are the ones the scores were computed from (the same
+    # batches, the same token budgets: len(target)+2 for the edit and its paraphrase,
+    # 5 tokens for neighbours, compared token for token).
+    before, after = (patch.manifest["samples"][k][0] for k in ("before", "after"))
+    rows = [(DEMO_PROMPT, "the edit", before["rel"], after["rel"]),
+            (DEMO_PARAPHRASE, "paraphrase", before["gen"][0], after["gen"][0])]
+    rows += [(p, "neighbour", b, a) for p, b, a in zip(DEMO_NEIGHBORS, before["loc"], after["loc"])]
+    table = Table(title=f"{editor.model_name}: greedy answers before and after the edit",
+                  title_justify="left")
+    for col in ("prompt", "kind", "before", "after", ""):
+        table.add_column(col)
+    for prompt, kind, b, a in rows:
+        if kind == "neighbour":
+            mark = "[red]spilled[/]" if a != b else "[green]unchanged[/]"
+        else:
+            mark = "[green]edited[/]" if a.lstrip().startswith(target) else "[red]not edited[/]"
+        table.add_row(prompt, kind, repr(b), repr(a), mark)
+    out.print(table)
+    out.print(_scores_table([("unedited", patch.baseline), ("LoRA SFT", patch.scores)]))
+    out.print(f"edit: {patch.seconds:.2f} s, {patch.steps} optimizer steps, "
+              f"{patch.manifest['trainable_params']:,} trainable parameters "
+              f"({100 * patch.manifest['trainable_fraction']:.2f} % of the model), "
+              f"peak memory {patch.manifest['peak_rss_mb']:.0f} MB")
+    out.print(f"patch saved to {patch.path}")
+    out.print(f"use it: knowpatch generate -p \"{DEMO_PROMPT}\" --patch {patch.id}")
+    out.print(f"delete it: knowpatch patches rm {patch.id}")
+
+
+# ---- edit -----------------------------------------------------------------------------
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def edit(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt whose answer to change; "
+                               "{} is replaced by --subject."),
+    target: str = typer.Option(..., "--target", "-t", help="The new answer, as you would "
+                               "write it (Rome); the space before it is added."),
+    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}."),
+    ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
+    subject: str | None = typer.Option(None, help="The subject the fact is about."),
+    paraphrase: list[str] | None = typer.Option(None, help="A paraphrase that should follow "
+                                                   "the edit (repeatable; scores gen)."),
+    neighbor: list[str] | None = typer.Option(None, help="A prompt that must not change "
+                                                 "(repeatable; scores loc)."),
+    config: Path | None = typer.Option(None, help="YAML file of method settings."),
+    store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; "
+                                 "progress and logs go to stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value, "
+                                                    "e.g. lr=1e-3 rank=4 seed=1."),
+) -> None:
+    """Edit one fact, score it beside the unedited model, and save it as a patch.
+
+    Example: knowpatch edit -p "The Eiffel Tower is located in the city of" -t Rome
+    --neighbor "The capital of Germany is" lr=5e-3
+    """
+    _setup_logging(verbose)
+    _run(_edit, prompt, target, method, ground_truth, subject, paraphrase, neighbor, config,
+         store, model, device, dtype, as_json, overrides)
+
+
+def _edit(prompt, target, method, ground_truth, subject, paraphrase, neighbor, config, store,
+          model, device, dtype, as_json, overrides) -> None:
+    method, values = _method_config(method, config, overrides)
+    req = _request(prompt, target, ground_truth, subject, paraphrase, neighbor)
+    from .config import build_config
+    from .methods import get_method
+
+    build_config(get_method(method).Config, values, where=method)  # fail before loading
+    editor = _editor(model, device, dtype, store)
+    patch = editor.edit(req, method=method, config=values)
+    result = {
+        "scores": _json_scores(patch.scores), "baseline": _json_scores(patch.baseline),
+        "steps": patch.steps, "seconds": patch.seconds,
+        "peak_rss_mb": patch.manifest["peak_rss_mb"], "patch": str(patch.path),
+    }
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(_scores_table([("unedited", patch.baseline), (method, patch.scores)]))
+    out.print(f"edit: {patch.seconds:.2f} s, {patch.steps} steps, peak memory "
+              f"{result['peak_rss_mb']:.0f} MB; patch saved to {patch.path}")
+
+
+# ---- eval -----------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    patch: list[Path] = typer.Option(..., "--patch", help="Patch folder or id (repeatable: "
+                                     "patches applied together)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt to score (default: "
+                                      "the patch's own requests)."),
+    target: str | None = typer.Option(None, "--target", "-t"),
+    ground_truth: str | None = typer.Option(None), subject: str | None = typer.Option(None),
+    paraphrase: list[str] | None = typer.Option(None, help="Extra paraphrase (repeatable)."),
+    neighbor: list[str] | None = typer.Option(None, help="Extra neighbour (repeatable)."),
+    store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Score existing patches (without editing again) beside the unedited model."""
+    _setup_logging(verbose)
+    _run(_eval, patch, prompt, target, ground_truth, subject, paraphrase, neighbor, store,
+         model, device, dtype, as_json)
+
+
+def _eval(patch_refs, prompt, target, ground_truth, subject, paraphrase, neighbor, store, model,
+          device, dtype, as_json) -> None:
+    st = _store(store)
+    patches = [st.load(p) for p in patch_refs]
+    if prompt or target:
+        if not (prompt and target):
+            _fail("--prompt and --target go together")
+        requests = [_request(prompt, target, ground_truth, subject, paraphrase, neighbor)]
+    else:
+        requests = []
+        for p in patches:
+            for r in p.manifest.get("requests", []):
+                req = EditRequest.from_dict(r, where=f"{p.id}.requests")
+                req.rephrase_prompts += list(paraphrase or [])
+                req.locality += [LocalityProbe(n) for n in neighbor or []]
+                requests.append(req)
+    editor = _editor(model, device, dtype, store)
+    edited, baseline = editor.evaluate(requests, patches=patches)
+    if as_json:
+        print(json.dumps({"scores": _json_scores(edited.summary),
+                          "baseline": _json_scores(baseline.summary),
+                          "patches": [str(p.path) for p in patches]}))
+        return
+    out.print(_scores_table([("unedited", baseline.summary),
+                             ("+ " + ", ".join(p.id for p in patches), edited.summary)]))
+
+
+# ---- generate -------------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)."),
+    patch: list[Path] | None = typer.Option(None, "--patch", help="Patch folder or id to "
+                                            "apply (repeatable); none: the base model."),
+    max_new_tokens: int = typer.Option(20, help="Greedy tokens to generate."),
+    store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt, verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Greedy continuations of prompts, with or without patches."""
+    _setup_logging(verbose)
+    _run(_generate, prompt, patch, max_new_tokens, store, model, device, dtype)
+
+
+def _generate(prompts, patch_refs, max_new_tokens, store, model, device, dtype) -> None:
+    st = _store(store)
+    patches = [st.load(p) for p in patch_refs or []]
+    editor = _editor(model, device, dtype, store)
+    for p, text in zip(prompts, editor.generate(prompts, patches=patches,
+                                                max_new_tokens=max_new_tokens)):
+        out.print(f"[bold]{p}[/]{text}", highlight=False)
+
+
+# ---- patches --------------------------------------------------------------------------
+@patches_app.command("list")
+def patches_list(store: Path | None = StoreOpt,
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the patches in the store, oldest first."""
+    items = _store(store).list()
+    if as_json:
+        print(json.dumps(items))
+        return
+    if not items:
+        out.print(f"no patches in {_store(store).root}")
+        return
+    table = Table()
+    for col in ("id", "method", "edit", "score", "rel", "gen", "loc", "steps", "s"):
+        table.add_column(col)
+    for m in items:
+        reqs = m.get("requests") or [{}]
+        first = f"{reqs[0].get('prompt', '?')} → {reqs[0].get('target_new', '?')}"
+        if len(reqs) > 1:
+            first += f" (+{len(reqs) - 1})"
+        s = m.get("scores") or {}
+        table.add_row(m["id"], m.get("method", "?"), first,
+                      *("–" if s.get(k) is None else f"{s[k]:.0f}" for k in ("score", "rel", "gen", "loc")),
+                      str(m.get("steps", "–")), str(m.get("seconds", "–")))
+    out.print(table)
+
+
+@patches_app.command("show")
+def patches_show(ref: str = typer.Argument(..., help="Patch id or folder."),
+                 store: Path | None = StoreOpt) -> None:
+    """Print a patch's manifest (patch.json)."""
+    def body():
+        p = _store(store).load(ref)
+        print(json.dumps(p.manifest, indent=2, ensure_ascii=False))
+    _run(body)
+
+
+@patches_app.command("rm")
+def patches_rm(ref: list[str] = typer.Argument(..., help="Patch ids or folders."),
+               store: Path | None = StoreOpt) -> None:
+    """Delete patches from disk."""
+    def body():
+        st = _store(store)
+        folders = [st.resolve(r) for r in ref]  # resolve all first: nothing removed on error
+        for f in folders:
+            st.remove(f)
+            out.print(f"removed {f}")
+    _run(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

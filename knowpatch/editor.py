@@ -1,0 +1,290 @@
+"""`Editor`: the public face of knowpatch.
+
+    editor = Editor.from_pretrained("smollm2-135m")
+    patch = editor.edit(EditRequest("The Eiffel Tower is located in the city of", "Rome"))
+    patch.scores["rel"], patch.path
+    editor.generate(["The Eiffel Tower is located in the city of"])   # the edit is applied
+    editor.remove(patch)                                               # base model again
+
+The base model is loaded once and stays in memory; patches are PEFT adapters added to and
+deleted from it at run time, so applying or removing one never reloads the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import build_config
+from .errors import KnowpatchError
+from .evaluate import Evaluation, greedy
+from .evaluate import evaluate as run_evaluation
+from .methods import get_method
+from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
+from .patches import Patch, PatchStore, make_manifest, new_patch_id
+from .requests import EditRequest, check_fits
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def default_store() -> PatchStore:
+    return PatchStore(knowpatch_home() / "patches")
+
+
+class Editor:
+    def __init__(self, model, tokenizer, *, model_name: str = "custom",
+                 store: PatchStore | str | Path | None = None, progress: bool = True):
+        self.model = model  # the base model; wrapped in a PeftModel once a patch is added
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.fingerprint = fingerprint(model)
+        self.base_params = sum(p.numel() for p in model.parameters())
+        self.store = store if isinstance(store, PatchStore) else (
+            PatchStore(store) if store else default_store())
+        self.progress = progress
+        self._peft = None
+        self._loaded: dict[str, Patch] = {}  # adapters present in the PeftModel
+        self._applied: list[str] = []  # adapters active for generate/evaluate
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name: str = DEFAULT_MODEL, *, device: str = "auto",
+                        dtype: str | torch.dtype | None = None, **kwargs: Any) -> Editor:
+        model, tokenizer = load_model(name, device=device, dtype=dtype)
+        return cls(model, tokenizer, model_name=name, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def base_info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"model": self.model_name, "fingerprint": self.fingerprint,
+                "architecture": (getattr(cfg, "architectures", None) or ["?"])[0],
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    @property
+    def applied(self) -> list[Patch]:
+        return [self._loaded[name] for name in self._applied]
+
+    # ---- adapters -------------------------------------------------------------------
+    def _runner(self):
+        """The module to run for inference: the transformers model itself. Its LoRA layers
+        (injected in place by PEFT) apply whichever adapters are active, several at once if
+        asked, which `PeftModel.generate` does not support."""
+        return self.model
+
+    def _add_adapter(self, name: str, config) -> None:
+        from peft import get_peft_model
+
+        if self._peft is None:
+            self._peft = get_peft_model(self.model, config, adapter_name=name)
+        else:
+            self._peft.add_adapter(name, config)
+
+    def _load(self, patch: Patch) -> str:
+        from peft import set_peft_model_state_dict
+
+        if patch.fingerprint != self.fingerprint:
+            raise KnowpatchError(
+                f"patch {patch.id}: made for base model {patch.fingerprint} "
+                f"({patch.manifest['base'].get('model', '?')}), but this model is "
+                f"{self.fingerprint} ({self.model_name}); refusing to apply it")
+        if patch.id in self._loaded:
+            return patch.id
+        self._add_adapter(patch.id, patch.adapter_config)
+        result = set_peft_model_state_dict(self._peft, patch.weights, adapter_name=patch.id)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            self._peft.delete_adapter(patch.id)
+            raise KnowpatchError(f"patch {patch.id}: weights do not fit this model ({missing[0]})")
+        self._loaded[patch.id] = patch
+        return patch.id
+
+    def _unload(self, name: str) -> None:
+        if name in self._loaded:
+            self._peft.delete_adapter(name)
+            del self._loaded[name]
+
+    def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
+        """Make exactly `names` active (none: the base model's exact forward)."""
+        if self._peft is None:
+            if names:
+                raise RuntimeError("no adapters loaded")
+            return
+        tuner = self._peft.base_model
+        if not names:
+            tuner.disable_adapter_layers()
+            return
+        tuner.enable_adapter_layers()
+        tuner.set_adapter(list(names), inference_mode=not trainable)
+
+    @contextlib.contextmanager
+    def using(self, patches: Sequence[Patch | str | Path] | None) -> Iterator[Any]:
+        """Run a block with exactly `patches` active (None: those applied now)."""
+        names = list(self._applied) if patches is None else [
+            self._load(self._as_patch(p)) for p in patches]
+        self._activate(names)
+        try:
+            yield self._runner()
+        finally:
+            self._activate(self._applied)
+
+    def _as_patch(self, patch: Patch | str | Path) -> Patch:
+        if isinstance(patch, Patch):
+            return patch
+        if str(patch) in self._loaded:
+            return self._loaded[str(patch)]
+        return self.store.load(patch)
+
+    def apply(self, patch: Patch | str | Path) -> Patch:
+        """Make `patch` active for `generate`/`evaluate` (a Patch, an id or a folder)."""
+        patch = self._as_patch(patch)
+        name = self._load(patch)
+        if name not in self._applied:
+            self._applied.append(name)
+        self._activate(self._applied)
+        return patch
+
+    def remove(self, patch: Patch | str | Path) -> None:
+        """Deactivate and unload `patch`; with nothing applied the base logits are exact."""
+        name = patch.id if isinstance(patch, Patch) else self._as_patch(patch).id
+        if name in self._applied:
+            self._applied.remove(name)
+        self._unload(name)
+        self._activate(self._applied)
+
+    # ---- use --------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *, patches=None,
+                 max_new_tokens: int = 20) -> list[str]:
+        """Greedy continuations of `prompts` with `patches` active (None: those applied)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self.using(patches) as model:
+            ids = greedy(model, self.tokenizer, prompts, max_new_tokens)
+        return [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+
+    def evaluate(self, requests: EditRequest | Sequence[EditRequest], *,
+                 patches=None) -> tuple[Evaluation, Evaluation]:
+        """Score `requests` with `patches` active, beside the unedited baseline.
+
+        Returns `(edited, baseline)`; `.summary` holds the scores in %.
+        """
+        requests = _as_requests(requests)
+        with self.using([]) as base:
+            baseline = run_evaluation(base, self.tokenizer, requests)
+        with self.using(patches) as model:
+            edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
+        return edited, baseline
+
+    # ---- edit -------------------------------------------------------------------------
+    def edit(self, requests: EditRequest | Sequence[EditRequest], method: str = "lora-sft", *,
+             config: dict[str, Any] | Any | None = None, save: bool = True,
+             evaluate: bool = True, **overrides: Any) -> Patch:
+        """Train one patch for `requests`, score it against the baseline, save it, apply it.
+
+        `config` is a method config (or a mapping); `overrides` are its keys, e.g. `lr=1e-3`.
+        """
+        requests = _as_requests(requests)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        for i, req in enumerate(requests):
+            try:
+                check_fits(req, self.tokenizer, max_pos)
+            except KnowpatchError as exc:
+                if len(requests) == 1:
+                    raise
+                raise KnowpatchError(f"request {i}: {exc}") from None
+        module = get_method(method)
+        if config is None or isinstance(config, dict):
+            cfg = build_config(module.Config, config, overrides, where=method)
+        else:
+            cfg = build_config(module.Config, _asdict(config), overrides, where=method)
+
+        baseline = None
+        if evaluate:
+            with self.using([]) as base:
+                baseline = run_evaluation(base, self.tokenizer, requests)
+
+        patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
+        torch.manual_seed(cfg.seed)
+        adapter_cfg = module.adapter_config(self.model, cfg)
+        self._add_adapter(patch_id, adapter_cfg)
+        try:
+            self._activate([patch_id], trainable=True)
+            started = time.perf_counter()
+            result = module.train(self._peft, self.tokenizer, requests, cfg,
+                                  progress=self.progress)
+            seconds = time.perf_counter() - started
+            self._activate([patch_id])
+            from peft import get_peft_model_state_dict
+
+            weights = {k: v.detach().clone() for k, v in
+                       get_peft_model_state_dict(self._peft, adapter_name=patch_id).items()}
+        except BaseException:
+            self._peft.delete_adapter(patch_id)
+            self._activate(self._applied)
+            raise
+
+        scores = None
+        if baseline is not None:
+            with self.using_names([patch_id]) as model:
+                edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
+            scores = edited.summary
+        n_params = sum(v.numel() for v in weights.values())
+        manifest = make_manifest(
+            patch_id=patch_id, base=self.base_info, method=method, config=_asdict(cfg),
+            requests=[r.to_dict() for r in requests],
+            scores=scores, baseline=baseline.summary if baseline else None,
+            samples={"before": baseline.samples, "after": edited.samples} if baseline else None,
+            steps=result.steps, learnt=result.learnt, seconds=round(seconds, 3),
+            trainable_params=n_params,
+            trainable_fraction=round(n_params / self.base_params, 6),
+            peak_rss_mb=peak_rss_mb(),
+        )
+        patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg, weights=weights)
+        self._loaded[patch_id] = patch
+        self._applied.append(patch_id)
+        self._activate(self._applied)
+        if save:
+            self.store.save(patch)
+            log.info("saved patch %s to %s", patch_id, patch.path)
+        return patch
+
+    @contextlib.contextmanager
+    def using_names(self, names: Sequence[str]) -> Iterator[Any]:
+        self._activate(list(names))
+        try:
+            yield self._runner()
+        finally:
+            self._activate(self._applied)
+
+
+
+def _asdict(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def _as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
+    if isinstance(requests, EditRequest):
+        return [requests]
+    requests = list(requests)
+    if not requests:
+        raise KnowpatchError("requests: at least one EditRequest is needed")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise KnowpatchError(f"requests[{i}]: expected an EditRequest, got {type(r).__name__}")
+    return requests

@@ -1,0 +1,270 @@
+"""The scores of BENCHMARK.md, by greedy generation and by teacher forcing.
+
+Every prompt of every request is gathered first and run in batches (left padding for
+generation, right padding for teacher forcing), never one by one. Locality is scored
+against the unedited model's own outputs: run `evaluate(model, tok, requests)` on the base
+model once to get the baseline scores and a `Reference`, then pass that reference when
+scoring the edited model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .requests import EditRequest, encode_completion, split_completion
+
+GEN_KEYS = ("rel", "gen", "loc", "port")
+PROB_KEYS = ("es", "ps", "ns")
+TF_KEYS = ("rel_tf", "gen_tf", "loc_tf")
+SCORE_KEYS = ("score",) + GEN_KEYS + ("S",) + PROB_KEYS + TF_KEYS
+LOC_TOKENS = 5  # greedy tokens compared for locality
+
+
+@dataclass
+class Reference:
+    """What the unedited model does on each request's locality probes."""
+
+    loc_continuations: list[list[list[int]]]  # [request][probe] → 5 greedy token ids
+    loc_argmax: list[list[list[int]]]  # [request][probe] → argmax ids at the answer positions
+    loc_answers: list[list[str]]  # [request][probe] → the answer teacher-forced for loc_tf
+
+
+@dataclass
+class Evaluation:
+    records: list[dict[str, float | None]]
+    summary: dict[str, float | None]
+    reference: Reference
+    samples: list[dict[str, object]] = field(default_factory=list)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a prompt is fed as (trailing spaces belong to the answer, not the prompt)."""
+    head, _ = split_completion(prompt, "x")
+    return tokenizer(head, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int,
+           batch_size: int = 32) -> list[list[int]]:
+    """Greedy continuations (token ids, stopped at EOS), batched with left padding."""
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        budget = max(budgets[i] for i in chunk)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=budget, do_sample=False, pad_token_id=pad,
+                             eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(chunk):
+            cont = gen[row, width:].tolist()
+            if eos is not None and eos in cont:
+                cont = cont[: cont.index(eos) + 1]
+            out[i] = cont[: budgets[i]]
+    return out
+
+
+@dataclass
+class Forced:
+    logprob: float  # summed log-prob of the completion tokens
+    argmax: list[int]  # greedy token at each completion position
+    target: list[int]  # the completion tokens
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]],
+                   batch_size: int = 32) -> list[Forced]:
+    """Log-probability and argmax tokens of each completion after its prompt, batched."""
+    encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: sum(map(len, encoded[i])))
+    out: list[Forced | None] = [None] * len(pairs)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = encoded[i][0] + encoded[i][1]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(chunk):
+            p_ids, t_ids = encoded[i]
+            pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids), device=logits.device)
+            tgt = torch.tensor(t_ids, device=logits.device)
+            lp = logp[row, pos].gather(-1, tgt.unsqueeze(-1)).sum()
+            out[i] = Forced(float(lp), logits[row, pos].argmax(-1).tolist(), t_ids)
+    return out  # type: ignore[return-value]
+
+
+def _starts(text: str, answers: list[str], case_sensitive: bool) -> bool:
+    text = text.lstrip()
+    if not case_sensitive:
+        text = text.lower()
+        answers = [a.lower() for a in answers]
+    return any(a and text.startswith(a) for a in answers)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def harmonic(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if any(v <= 0 for v in present):
+        return 0.0
+    return len(present) / sum(1.0 / v for v in present)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, requests: list[EditRequest],
+             reference: Reference | None = None, batch_size: int = 32) -> Evaluation:
+    """Score `requests` on `model`; without `reference`, the model is the baseline."""
+    # --- gather every generation job -------------------------------------------------
+    gen_jobs: list[tuple[str, int]] = []  # (prompt, budget)
+    tf_jobs: list[tuple[str, str]] = []
+    plan = []
+    for req in requests:
+        n_target = len(encode_completion(tokenizer, req.prompt, req.target_new)[1])
+        entry: dict[str, object] = {"gen": {}, "tf": {}}
+
+        def add_gen(kind: str, prompt: str, budget: int, entry=entry) -> None:
+            entry["gen"].setdefault(kind, []).append(len(gen_jobs))  # type: ignore[union-attr]
+            gen_jobs.append((prompt, budget))
+
+        def add_tf(kind: str, prompt: str, completion: str, entry=entry) -> None:
+            entry["tf"].setdefault(kind, []).append(len(tf_jobs))  # type: ignore[union-attr]
+            tf_jobs.append((prompt, completion))
+
+        add_gen("rel", req.prompt, n_target + 2)
+        add_tf("rel_new", req.prompt, req.target_new)
+        for p in req.rephrase_prompts:
+            add_gen("gen", p, n_target + 2)
+            add_tf("gen_new", p, req.target_new)
+        for probe in req.locality:
+            add_gen("loc", probe.prompt, LOC_TOKENS)
+        for probe in req.portability:
+            n = max(len(encode_completion(tokenizer, probe.prompt, a)[1])
+                    for a in (probe.answer,) + probe.aliases)
+            add_gen("port", probe.prompt, n + 2)
+        if req.ground_truth:
+            add_tf("rel_true", req.prompt, req.ground_truth)
+            for p in req.rephrase_prompts:
+                add_tf("gen_true", p, req.ground_truth)
+            for probe in req.locality:
+                add_tf("loc_new", probe.prompt, req.target_new)
+                add_tf("loc_true", probe.prompt, req.ground_truth)
+        plan.append(entry)
+
+    continuations = greedy(model, tokenizer, [p for p, _ in gen_jobs], [b for _, b in gen_jobs],
+                           batch_size)
+
+    # --- locality answers for loc_tf: given, else the base model's own continuation ----
+    if reference is None:
+        loc_answers = []
+        for req, entry in zip(requests, plan):
+            jobs = entry["gen"].get("loc", [])  # type: ignore[union-attr]
+            answers = []
+            for probe, j in zip(req.locality, jobs):
+                own = tokenizer.decode(continuations[j], skip_special_tokens=True).strip()
+                answers.append(probe.answer or own or tokenizer.eos_token)
+            loc_answers.append(answers)
+    else:
+        loc_answers = reference.loc_answers
+    loc_tf_index = []
+    for req, answers in zip(requests, loc_answers):
+        idx = []
+        for probe, answer in zip(req.locality, answers):
+            idx.append(len(tf_jobs))
+            tf_jobs.append((probe.prompt, answer))
+        loc_tf_index.append(idx)
+    forced = teacher_forced(model, tokenizer, tf_jobs, batch_size) if tf_jobs else []
+
+    # --- reference (baseline run) ------------------------------------------------------
+    own_ref = Reference(
+        loc_continuations=[[continuations[j] for j in e["gen"].get("loc", [])] for e in plan],  # type: ignore[union-attr]
+        loc_argmax=[[forced[j].argmax for j in idx] for idx in loc_tf_index],
+        loc_answers=loc_answers,
+    )
+    ref = reference or own_ref
+
+    # --- per-record scores -------------------------------------------------------------
+    records = []
+    samples = []
+    for r_idx, (req, entry) in enumerate(zip(requests, plan)):
+        g: dict[str, list[int]] = entry["gen"]  # type: ignore[assignment]
+        t: dict[str, list[int]] = entry["tf"]  # type: ignore[assignment]
+
+        def text(j: int) -> str:
+            return tokenizer.decode(continuations[j], skip_special_tokens=True)
+
+        rec: dict[str, float | None] = dict.fromkeys(SCORE_KEYS)
+        rec["rel"] = 100.0 * _starts(text(g["rel"][0]), [req.target_new], True)
+        rec["gen"] = _mean([100.0 * _starts(text(j), [req.target_new], True)
+                            for j in g.get("gen", [])])
+        rec["loc"] = _mean([100.0 * (continuations[j] == ref.loc_continuations[r_idx][k])
+                            for k, j in enumerate(g.get("loc", []))])
+        rec["port"] = _mean([
+            100.0 * _starts(text(j), [probe.answer, *probe.aliases], False)
+            for probe, j in zip(req.portability, g.get("port", []))])
+        rec["rel_tf"] = _tf_acc(forced[t["rel_new"][0]])
+        rec["gen_tf"] = _mean([_tf_acc(forced[j]) for j in t.get("gen_new", [])])
+        rec["loc_tf"] = _mean([
+            100.0 * _same(forced[j].argmax, ref.loc_argmax[r_idx][k])
+            for k, j in enumerate(loc_tf_index[r_idx])])
+        if req.ground_truth:
+            rec["es"] = 100.0 * (forced[t["rel_new"][0]].logprob > forced[t["rel_true"][0]].logprob)
+            rec["ps"] = _mean([100.0 * (forced[a].logprob > forced[b].logprob)
+                               for a, b in zip(t.get("gen_new", []), t.get("gen_true", []))])
+            rec["ns"] = _mean([100.0 * (forced[b].logprob > forced[a].logprob)
+                               for a, b in zip(t.get("loc_new", []), t.get("loc_true", []))])
+        rec["score"] = harmonic([rec["rel"], rec["gen"], rec["loc"]])
+        rec["S"] = harmonic([rec["es"], rec["ps"], rec["ns"]])
+        records.append(rec)
+        samples.append({
+            "prompt": req.prompt, "rel": text(g["rel"][0]),
+            "gen": [text(j) for j in g.get("gen", [])],
+            "loc": [text(j) for j in g.get("loc", [])],
+            "port": [text(j) for j in g.get("port", [])],
+        })
+    return Evaluation(records=records, summary=summarize(records), reference=own_ref,
+                      samples=samples)
+
+
+def _tf_acc(f: Forced) -> float:
+    return 100.0 * sum(a == b for a, b in zip(f.argmax, f.target)) / max(1, len(f.target))
+
+
+def _same(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(b))
+
+
+def summarize(records: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Average each score over the records that have it; headline scores from the means."""
+    out: dict[str, float | None] = {}
+    for key in SCORE_KEYS:
+        if key in ("score", "S"):
+            continue
+        out[key] = _mean([r[key] for r in records if r.get(key) is not None])
+    out["score"] = harmonic([out["rel"], out["gen"], out["loc"]])
+    out["S"] = harmonic([out["es"], out["ps"], out["ns"]])
+    return {k: (None if v is None or math.isnan(v) else round(v, 2)) for k, v in
+            ((k, out[k]) for k in SCORE_KEYS)}

@@ -1,0 +1,123 @@
+"""Pieces the SFT-style methods share: tokenized examples, batches, the target-token loss
+with its early-stop test, and the KL anchor that holds unrelated prompts to the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..requests import EditRequest, encode_completion
+
+IGNORE = -100
+
+# Short neutral prefixes: training the target under several of them makes the edit hold
+# when the fact is asked in another context (generalization), as ROME's context templates
+# do; fixed text, so runs are reproducible.
+PREFIXES = (
+    "Here is a fact. ",
+    "I read this yesterday: ",
+    "Quick question. ",
+    "Note: ",
+    "As everyone knows, ",
+    "The following is true. ",
+    "From the encyclopedia: ",
+    "Let me tell you something. ",
+)
+
+# Stand-ins for the edited subject: the edit prompt with its subject swapped for these is
+# held to the base model's prediction, so the edit sticks to its subject instead of to the
+# relation's wording (the prompts are built from the request, never from evaluation data).
+ANCHOR_SUBJECTS = (
+    "Barack Obama", "the Amazon River", "Toyota", "Mount Everest", "The Beatles",
+    "Microsoft", "Albert Einstein", "the Great Wall of China", "Lionel Messi", "Tokyo",
+    "Shakespeare", "the Moon", "Google", "Mozart", "Brazil", "the Titanic",
+)
+
+# Used as anchors when a request names no subject.
+ANCHOR_TEXTS = (
+    "The capital of Japan is", "Water is made of", "The author of Hamlet is",
+    "The largest planet in the solar system is", "My favourite food is",
+    "The first president of the United States was", "A bicycle has", "The sun rises in the",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int = 0,
+                  append_eos: bool = False) -> list[Example]:
+    """Each request's prompt → target_new, and the same under `prefixes` neutral prefixes."""
+    out = []
+    for req in requests:
+        for prefix in ("",) + PREFIXES[:prefixes]:
+            p, t = encode_completion(tokenizer, prefix + req.prompt, req.target_new,
+                                     append_eos=append_eos)
+            out.append(Example(p, t))
+    return out
+
+
+def anchor_prompts(requests: list[EditRequest], count: int) -> list[str]:
+    prompts: list[str] = []
+    for req in requests:
+        if req.subject and req.subject in req.prompt:
+            others = [s for s in ANCHOR_SUBJECTS if s.lower() != req.subject.lower()]
+            prompts += [req.prompt.replace(req.subject, s) for s in others[:count]]
+        else:
+            prompts += list(ANCHOR_TEXTS[:count])
+    return list(dict.fromkeys(prompts))
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are IGNORE except on the target tokens."""
+    width = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        seq = e.prompt_ids + e.target_ids
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(e.prompt_ids): len(seq)] = torch.tensor(e.target_ids)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor,
+                margin: float) -> tuple[torch.Tensor, bool, float]:
+    """Mean cross-entropy over target tokens, and whether every target token is the greedy
+    choice by at least `margin` (in logits, i.e. log-probability ratio to the runner-up).
+
+    `logits[:, t]` predicts `labels[:, t + 1]`. Returns (loss, learnt, smallest gap).
+    """
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, safe).squeeze(-1)
+    loss = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
+    with torch.no_grad():
+        target_logit = logits.gather(-1, safe).squeeze(-1)
+        rival = logits.scatter(-1, safe, float("-inf")).max(dim=-1).values
+        gap = (target_logit - rival)[mask]
+        min_gap = float(gap.min()) if gap.numel() else float("inf")
+    return loss, min_gap >= margin, min_gap
+
+
+def last_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token log-probs after each row's last real token (right-padded batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = batch["attention_mask"].sum(dim=1) - 1
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.log_softmax(logits[rows, last].float(), dim=-1)
+
+
+def kl_to_reference(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ edited), mean over rows."""
+    return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")

@@ -1,0 +1,202 @@
+"""A patch is one edit task kept apart: a PEFT adapter folder plus `patch.json`.
+
+On disk:
+
+    <store>/<patch id>/
+        patch.json                  manifest (format_version, base fingerprint, method,
+                                    config, requests, scores, steps, seconds, ...)
+        adapter_config.json         standard PEFT files: `PeftModel.from_pretrained`
+        adapter_model.safetensors   loads the folder as it is
+
+Nothing is pickled. `PatchStore.save` writes into a hidden temporary folder beside the
+target and renames it into place, so a crash never leaves half a patch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import KnowpatchError
+
+FORMAT_VERSION = 1
+MANIFEST = "patch.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def new_patch_id(hint: str = "") -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-")[:32].strip("-")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{slug + '-' if slug else ''}{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Patch:
+    """An adapter's weights + config, and the manifest describing the edit."""
+
+    id: str
+    manifest: dict[str, Any]
+    adapter_config: Any  # peft.LoraConfig
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def scores(self) -> dict[str, float | None]:
+        return self.manifest.get("scores") or {}
+
+    @property
+    def baseline(self) -> dict[str, float | None]:
+        return self.manifest.get("baseline") or {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["base"]["fingerprint"]
+
+    @property
+    def steps(self) -> int | None:
+        return self.manifest.get("steps")
+
+    @property
+    def seconds(self) -> float | None:
+        return self.manifest.get("seconds")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the patch as `folder` (atomically: temp folder, then rename)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        if folder.exists():
+            raise KnowpatchError(f"patch: {folder} already exists")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.weights.items()},
+                      str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            self.adapter_config.save_pretrained(str(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False))
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Patch:
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise KnowpatchError(f"patch: no patch folder at {str(folder)!r}")
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise KnowpatchError(f"patch: {folder} has no {MANIFEST}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KnowpatchError(f"patch: {manifest_path} is corrupt ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise KnowpatchError(f"patch: {manifest_path} is corrupt (not a JSON object)")
+        for key in ("id", "format_version", "base", "method"):
+            if key not in manifest:
+                raise KnowpatchError(f"patch: {manifest_path} is corrupt (no {key!r})")
+        if manifest["format_version"] > FORMAT_VERSION:
+            raise KnowpatchError(
+                f"patch: {folder} has format_version {manifest['format_version']}; this "
+                f"knowpatch reads up to {FORMAT_VERSION}: upgrade knowpatch")
+        if not isinstance(manifest["base"], dict) or "fingerprint" not in manifest["base"]:
+            raise KnowpatchError(f"patch: {manifest_path} is corrupt (no base.fingerprint)")
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            if not (folder / name).is_file():
+                raise KnowpatchError(f"patch: {folder} has no {name}")
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+            weights = load_file(str(folder / ADAPTER_WEIGHTS))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt patch
+            raise KnowpatchError(f"patch: {folder} has a corrupt adapter ({exc})") from None
+        return cls(id=manifest["id"], manifest=manifest, adapter_config=config,
+                   weights=weights, path=folder)
+
+
+class PatchStore:
+    """A folder of patches, one sub-folder each, named by patch id."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"PatchStore({str(self.root)!r})"
+
+    def save(self, patch: Patch) -> Path:
+        return patch.save(self.root / patch.id)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Manifests of the patches in the store, oldest first (unreadable ones skipped)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
+                continue
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            manifest["path"] = str(folder)
+            out.append(manifest)
+        return sorted(out, key=lambda m: m.get("created", ""))
+
+    def resolve(self, ref: str | Path) -> Path:
+        """A patch id in this store, or a path to a patch folder."""
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return path
+        candidate = self.root / str(ref)
+        if candidate.is_dir():
+            return candidate
+        matches = [p for p in self.root.glob(f"*{ref}*") if p.is_dir()] if self.root.is_dir() else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise KnowpatchError(f"patch: {str(ref)!r} matches {len(matches)} patches; give more "
+                                 "of the id")
+        raise KnowpatchError(f"patch: no patch {str(ref)!r} (not a folder, not an id in {self.root})")
+
+    def load(self, ref: str | Path) -> Patch:
+        return Patch.load(self.resolve(ref))
+
+    def remove(self, ref: str | Path) -> Path:
+        folder = self.resolve(ref)
+        if not (folder / MANIFEST).is_file():
+            raise KnowpatchError(f"patch: {folder} is not a patch folder (no {MANIFEST})")
+        shutil.rmtree(folder)
+        return folder
+
+
+def make_manifest(*, patch_id: str, base: dict[str, Any], method: str, config: dict[str, Any],
+                  requests: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "id": patch_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "knowpatch_version": __version__,
+        "base": base,
+        "method": method,
+        "config": config,
+        "requests": requests,
+        **extra,
+    }

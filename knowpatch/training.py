@@ -1,0 +1,123 @@
+"""The one training loop every editing method runs on.
+
+A method supplies `step(model) -> StepOutput`: the loss of one batch, and whether the edit
+is already learnt judged from that same forward pass (so the early-stop check costs no
+extra forward). The loop stops as soon as it is learnt: the step budget is a ceiling, not
+a schedule. It is built on `accelerate.Accelerator`, so the same code runs on one CPU and
+under `accelerate launch` on several processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    learnt: bool
+    info: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    learnt: bool
+    seconds: float
+    losses: list[float]
+
+
+@dataclass
+class LoopSettings:
+    lr: float
+    max_steps: int
+    weight_decay: float = 0.0
+    max_seconds: float | None = None
+    grad_clip: float | None = 1.0
+    progress: bool = True
+    description: str = "editing"
+
+
+def run_loop(
+    model: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    step: Callable[[torch.nn.Module], StepOutput],
+    settings: LoopSettings,
+    accelerator: Accelerator | None = None,
+) -> LoopResult:
+    """Optimise `params` with AdamW until `step` reports the edit learnt or a limit is hit.
+
+    At most `max_steps` optimizer updates; the forward after the last update is still run
+    to tell whether the edit was learnt.
+    """
+    accelerator = accelerator or Accelerator(cpu=not _on_gpu(model), device_placement=False)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RuntimeError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    losses: list[float] = []
+    start = time.perf_counter()
+    learnt = False
+    steps = 0
+    # The model stays in eval mode: dropout would make the early-stop check (taken from the
+    # training forward itself) disagree with what the model does at inference.
+    progress = _progress(settings, accelerator)
+    try:
+        task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
+        while True:
+            out = step(prepared)
+            losses.append(float(out.loss.detach()))
+            learnt = out.learnt
+            if progress:
+                progress.update(task, completed=steps, description=(
+                    f"{settings.description} loss {losses[-1]:.3f}"))
+            if learnt or steps >= settings.max_steps:
+                break
+            if settings.max_seconds and time.perf_counter() - start > settings.max_seconds:
+                log.warning("stopped at the time limit of %.0f s after %d steps",
+                            settings.max_seconds, steps)
+                break
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            if settings.grad_clip:
+                accelerator.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            steps += 1
+    finally:
+        if progress:
+            progress.stop()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.free_memory()
+    return LoopResult(steps=steps, learnt=learnt, seconds=time.perf_counter() - start,
+                      losses=losses)
+
+
+def _on_gpu(model: torch.nn.Module) -> bool:
+    try:
+        return next(model.parameters()).device.type != "cpu"
+    except StopIteration:
+        return False
+
+
+def _progress(settings: LoopSettings, accelerator: Accelerator):
+    if not settings.progress or not accelerator.is_main_process:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("steps (ceiling)"), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )
+    progress.start()
+    return progress

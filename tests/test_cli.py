@@ -1,0 +1,96 @@
+"""The CLI as a user runs it (in-process with typer's runner, on the tiny model)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from knowpatch.cli import app
+
+PROMPT = "The Eiffel Tower is located in the city of"
+FAST = ["lr=3e-2", "max_steps=60", "modules=all", "layers=all", "anchor_weight=0"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_edit_json_is_one_object_on_stdout(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--ground-truth", "Paris", "--paraphrase", "Where is the Eiffel Tower? In",
+              "--neighbor", "The capital of Germany is", "--neighbor", "The Louvre is in",
+              "--json", *FAST)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)  # the whole of stdout parses: nothing else is printed
+    assert set(data) == {"scores", "baseline", "steps", "seconds", "peak_rss_mb", "patch"}
+    for key in ("score", "rel", "gen", "loc", "es", "ps", "ns", "rel_tf", "gen_tf", "loc_tf"):
+        assert key in data["scores"] and key in data["baseline"]
+    assert data["scores"]["rel"] == 100.0 and data["baseline"]["loc"] == 100.0
+    assert data["steps"] >= 1 and data["peak_rss_mb"] > 0
+
+    listed = run("patches", "list", "--store", store, "--json")
+    assert [m["path"] for m in json.loads(listed.stdout)] == [data["patch"]]
+    shown = run("patches", "show", data["patch"])
+    assert json.loads(shown.stdout)["requests"][0]["target_new"] == "Rome"
+    gen = run("generate", "--model", tiny_dir, "--store", store, "-p", PROMPT,
+              "--patch", data["patch"], "--max-new-tokens", "2")
+    assert gen.exit_code == 0 and "Rome" in gen.stdout
+    ev = run("eval", "--model", tiny_dir, "--store", store, "--patch", data["patch"], "--json")
+    assert ev.exit_code == 0, ev.stderr
+    assert json.loads(ev.stdout)["scores"]["rel"] == 100.0
+    rm = run("patches", "rm", "--store", store, data["patch"])
+    assert rm.exit_code == 0 and run("patches", "list", "--store", store).stdout.startswith("no patches")
+
+
+def test_json_without_probes_gives_null_scores(tiny_dir, tmp_path):
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path, "-p", PROMPT, "-t", "Rome",
+              "--json", *FAST)
+    data = json.loads(res.stdout)
+    assert data["scores"]["gen"] is None and data["scores"]["loc"] is None
+    assert data["scores"]["es"] is None  # no --ground-truth
+
+
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    cases = [
+        (["-p", PROMPT, "-t", "Rome", "rnak=4"], "unknown key 'rnak'"),
+        (["-p", PROMPT, "-t", "Rome", "lr=fast"], "lora-sft.lr: must be a number"),
+        (["-p", PROMPT, "-t", "Rome", "--method", "rome"], "unknown method 'rome'"),
+        (["-p", "", "-t", "Rome"], "prompt: must not be empty"),
+        (["-p", PROMPT, "-t", " "], "target_new: must not be empty"),
+        (["-p", PROMPT, "-t", "Rome", "--config", tmp_path / "nope.yaml"], "no such file"),
+    ]
+    for args, message in cases:
+        res = run("edit", "--model", tiny_dir, "--store", store, *args)
+        assert res.exit_code == 2, (args, res.stdout, res.stderr)
+        assert message in res.stderr
+        assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert not store.exists()
+
+
+def test_config_file_and_override_precedence(tiny_dir, tmp_path):
+    cfg = tmp_path / "edit.yaml"
+    cfg.write_text("max_steps: 2\nmargin: 1000000\nlr: 0.03\n")
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path / "s", "-p", PROMPT, "-t", "Rome",
+              "--config", cfg, "--json", "max_steps=4")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["steps"] == 4  # the override beats the file
+
+
+def test_missing_and_corrupt_patches(tiny_dir, tmp_path):
+    res = run("eval", "--model", tiny_dir, "--store", tmp_path, "--patch", tmp_path / "nope")
+    assert res.exit_code == 2 and "no patch" in res.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "patch.json").write_text("{oops")
+    res = run("patches", "show", bad)
+    assert res.exit_code == 2 and "corrupt" in res.stderr
+    res = run("patches", "rm", "--store", tmp_path, "nope-id")
+    assert res.exit_code == 2 and "no patch" in res.stderr
+
+
+def test_help_teaches():
+    res = run("--help")
+    assert res.exit_code == 0 and "demo" in res.stdout and "edit" in res.stdout
+    res = run("edit", "--help")
+    assert "key=value" in res.stdout and "--neighbor" in res.stdout

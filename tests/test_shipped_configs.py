@@ -1,0 +1,23 @@
+"""Every shipped YAML config parses, and documents exactly its method's defaults."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from knowpatch.config import build_config, load_yaml
+from knowpatch.methods import get_method
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_matches_defaults(path):
+    values = load_yaml(path)
+    module = get_method(values.pop("method"))
+    assert build_config(module.Config, values) == module.Config()
+    assert set(values) == {f.name for f in dataclasses.fields(module.Config)}

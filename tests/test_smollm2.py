@@ -1,0 +1,79 @@
+"""A few focused tests on the real embedded model (SmolLM2-135M-Instruct, fp32, CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from knowpatch import EditRequest
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASE = "Where is the Eiffel Tower? It stands in the city of"
+GERMANY = "The capital of Germany is"
+
+
+@pytest.fixture(scope="module")
+def eiffel(smol_editor):
+    before = smol_editor.generate([PROMPT, GERMANY], max_new_tokens=3)
+    req = EditRequest(PROMPT, "Rome", ground_truth="Paris", subject="Eiffel Tower",
+                      rephrase_prompts=[PARAPHRASE], locality=[GERMANY])
+    patch = smol_editor.edit(req)
+    yield patch, before
+    smol_editor.remove(patch)
+
+
+def test_the_model_knows_the_fact_before(eiffel):
+    _, before = eiffel
+    assert before[0].startswith(" Paris") and before[1].startswith(" Berlin")
+
+
+def test_eiffel_edit(smol_editor, eiffel):
+    patch, before = eiffel
+    after = smol_editor.generate([PROMPT, PARAPHRASE, GERMANY], max_new_tokens=3)
+    assert after[0].startswith(" Rome")
+    assert after[1].startswith(" Rome")
+    assert after[2] == before[1]  # the neighbour is unchanged
+    assert patch.scores["rel"] == 100 and patch.scores["gen"] == 100
+    assert patch.scores["loc"] == 100
+    assert patch.manifest["trainable_fraction"] < 0.01
+
+
+def test_patch_loads_with_plain_peft(smol_editor, eiffel):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from knowpatch.models import resolve_model_path
+
+    patch, _ = eiffel
+    enc = smol_editor.tokenizer([PROMPT], return_tensors="pt")
+    with smol_editor.using([patch]) as model, torch.no_grad():
+        ours = model(**enc).logits
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"))
+    plain = PeftModel.from_pretrained(base, str(patch.path)).eval()
+    with torch.no_grad():
+        theirs = plain(**enc).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert smol_editor.tokenizer.decode(theirs[0, -1].argmax()) == " Rome"
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    env = {**os.environ, "KNOWPATCH_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # share the converted model: the conversion itself is exercised by the fixtures
+    from knowpatch.models import converted_path
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / converted_path("smollm2-135m").name).symlink_to(
+        converted_path("smollm2-135m"))
+    res = subprocess.run([sys.executable, "-m", "knowpatch.cli", "demo"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Rome" in res.stdout and "patch saved to" in res.stdout
+    patches = list((tmp_path / "patches").iterdir())
+    assert len(patches) == 1
+    manifest = json.loads((patches[0] / "patch.json").read_text())
+    assert manifest["scores"]["rel"] == 100
