@@ -192,10 +192,12 @@ class Editor:
     # ---- edit -------------------------------------------------------------------------
     def edit(self, requests: EditRequest | Sequence[EditRequest], method: str = "lora-sft", *,
              config: dict[str, Any] | Any | None = None, save: bool = True,
-             evaluate: bool = True, **overrides: Any) -> Patch:
+             evaluate: bool = True, into: Patch | None = None, **overrides: Any) -> Patch:
         """Train one patch for `requests`, score it against the baseline, save it, apply it.
 
         `config` is a method config (or a mapping); `overrides` are its keys, e.g. `lr=1e-3`.
+        `into`: keep training that (loaded) patch's adapter on the new requests instead of
+        making a new one — EasyEdit's way of sequential editing, kept for comparison.
         """
         requests = _as_requests(requests)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
@@ -217,14 +219,21 @@ class Editor:
             with self.using([]) as base:
                 baseline = run_evaluation(base, self.tokenizer, requests)
 
-        patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
-        torch.manual_seed(cfg.seed)
-        adapter_cfg = module.adapter_config(self.model, cfg)
-        self._add_adapter(patch_id, adapter_cfg)
+        if into is not None:
+            patch_id = into.id
+            if patch_id not in self._loaded:
+                self._load(into)
+            adapter_cfg = into.adapter_config
+        else:
+            patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
+            torch.manual_seed(cfg.seed)
+            adapter_cfg = module.adapter_config(self.model, cfg)
+            self._add_adapter(patch_id, adapter_cfg)
         try:
             self._activate([patch_id], trainable=True)
             started = time.perf_counter()
-            result = module.train(self._peft, self.tokenizer, requests, cfg,
+            result = module.train(self.model, self.tokenizer, requests, cfg,
+                                  base=lambda: self._base_only([patch_id]),
                                   progress=self.progress)
             seconds = time.perf_counter() - started
             self._activate([patch_id])
@@ -233,34 +242,55 @@ class Editor:
             weights = {k: v.detach().clone() for k, v in
                        get_peft_model_state_dict(self._peft, adapter_name=patch_id).items()}
         except BaseException:
-            self._peft.delete_adapter(patch_id)
+            if into is None:
+                self._peft.delete_adapter(patch_id)
             self._activate(self._applied)
             raise
 
-        scores = None
+        edited = None
         if baseline is not None:
             with self.using_names([patch_id]) as model:
                 edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
-            scores = edited.summary
         n_params = sum(v.numel() for v in weights.values())
+        previous = into.manifest if into is not None else {}
         manifest = make_manifest(
             patch_id=patch_id, base=self.base_info, method=method, config=_asdict(cfg),
-            requests=[r.to_dict() for r in requests],
-            scores=scores, baseline=baseline.summary if baseline else None,
-            samples={"before": baseline.samples, "after": edited.samples} if baseline else None,
+            requests=previous.get("requests", []) + [r.to_dict() for r in requests],
+            scores=edited.summary if edited else None,
+            baseline=baseline.summary if baseline else None,
+            samples={"before": baseline.samples, "after": edited.samples} if edited else None,
             steps=result.steps, learnt=result.learnt, seconds=round(seconds, 3),
             trainable_params=n_params,
             trainable_fraction=round(n_params / self.base_params, 6),
             peak_rss_mb=peak_rss_mb(),
         )
-        patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg, weights=weights)
+        if into is not None:
+            manifest["edits"] = previous.get("edits", 1) + 1
+            into.manifest, into.weights = manifest, weights
+            patch = into
+        else:
+            patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg,
+                          weights=weights)
         self._loaded[patch_id] = patch
-        self._applied.append(patch_id)
+        if patch_id not in self._applied:
+            self._applied.append(patch_id)
         self._activate(self._applied)
         if save:
-            self.store.save(patch)
+            if patch.path is not None:
+                patch.save(patch.path, overwrite=True)
+            else:
+                self.store.save(patch)
             log.info("saved patch %s to %s", patch_id, patch.path)
         return patch
+
+    @contextlib.contextmanager
+    def _base_only(self, training: list[str]) -> Iterator[Any]:
+        """The base model's exact forward inside a training run (e.g. for KL references)."""
+        self._activate([])
+        try:
+            yield self.model
+        finally:
+            self._activate(training, trainable=True)
 
     @contextlib.contextmanager
     def using_names(self, names: Sequence[str]) -> Iterator[Any]:

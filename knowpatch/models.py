@@ -270,7 +270,13 @@ def linear_modules(
     seen_leaves: set[str] = set()
     for i in selected:
         for sub, module in blocks[i].named_modules():
-            if not isinstance(module, torch.nn.Linear):
+            parts = sub.split(".")
+            if "base_layer" in parts or any(p.startswith("lora_") for p in parts):
+                continue  # PEFT's own sub-modules, once adapters are injected
+            base = getattr(module, "base_layer", None)  # a PEFT-wrapped linear layer
+            if isinstance(base, torch.nn.Linear):
+                module = base
+            elif not isinstance(module, torch.nn.Linear):
                 continue
             leaf = sub.rsplit(".", 1)[-1]
             seen_leaves.add(leaf)

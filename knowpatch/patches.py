@@ -71,12 +71,12 @@ class Patch:
     def seconds(self) -> float | None:
         return self.manifest.get("seconds")
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the patch as `folder` (atomically: temp folder, then rename)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        if folder.exists():
+        if folder.exists() and not overwrite:
             raise KnowpatchError(f"patch: {folder} already exists")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -85,7 +85,13 @@ class Patch:
                       str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             self.adapter_config.save_pretrained(str(tmp))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False))
-            os.replace(tmp, folder)
+            if folder.exists():  # overwrite: move the old one aside first, drop it after
+                old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:6]}")
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -123,3 +123,13 @@ def test_interrupted_save_leaves_nothing(tiny_editor, monkeypatch):
     with pytest.raises(OSError):
         tiny_editor.store.save(patch)
     assert not any(tiny_editor.store.root.iterdir())
+
+
+def test_successive_edits_on_one_editor_stay_apart(tiny_editor):
+    a = tiny_editor.edit(_request(), **FAST)
+    out_a = tiny_editor.generate(PROMPT, patches=[a], max_new_tokens=2)
+    b = tiny_editor.edit(EditRequest("The Colosseum is located in", "Paris"), **FAST)
+    assert sorted(a.manifest["config"]["modules"]) == sorted(b.manifest["config"]["modules"])
+    assert set(a.weights) == set(b.weights)  # the same layers found again after injection
+    assert tiny_editor.generate(PROMPT, patches=[a], max_new_tokens=2) == out_a
+    assert [p.id for p in tiny_editor.applied] == [a.id, b.id]

@@ -8,6 +8,8 @@ Which linear layers get an adapter is discovered from the model's shapes (see
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -88,10 +90,13 @@ def adapter_config(model: torch.nn.Module, config: Config):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def train(peft_model, tokenizer, requests: list[EditRequest], config: Config, *,
-          progress: bool = True) -> LoopResult:
-    """Train the active adapter of `peft_model` until every target token is learnt."""
-    device = next(peft_model.parameters()).device
+def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
+          base: Callable[[], AbstractContextManager], progress: bool = True) -> LoopResult:
+    """Train the active (trainable) adapter in `model` until every target token is learnt.
+
+    `base()` is a context in which `model` runs as the unedited base (adapters off).
+    """
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     examples = edit_examples(tokenizer, requests, prefixes=config.prefixes,
                              append_eos=config.append_eos)
@@ -100,8 +105,8 @@ def train(peft_model, tokenizer, requests: list[EditRequest], config: Config, *,
     if config.anchor_weight > 0 and config.anchors > 0:
         anchors = [Example(tokenizer(p)["input_ids"], [])
                    for p in anchor_prompts(requests, config.anchors)]
-        with torch.no_grad(), peft_model.disable_adapter():
-            ref_logp = last_token_logprobs(peft_model, collate(anchors, pad, device))
+        with torch.no_grad(), base() as base_model:
+            ref_logp = last_token_logprobs(base_model, collate(anchors, pad, device))
     batch = collate(examples + anchors, pad, device)
     n_edit = len(examples)
 
@@ -118,11 +123,11 @@ def train(peft_model, tokenizer, requests: list[EditRequest], config: Config, *,
             info["kl"] = float(kl.detach())
         return StepOutput(loss=loss, learnt=learnt, info=info)
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
                             max_seconds=config.max_seconds, progress=progress,
                             description="LoRA SFT")
-    return run_loop(peft_model, params, step, settings)
+    return run_loop(model, params, step, settings)
 
 
 def describe(config: Config) -> dict:
