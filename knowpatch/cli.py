@@ -296,6 +296,76 @@ def _generate(prompts, patch_refs, max_new_tokens, store, model, device, dtype) 
         out.print(f"[bold]{p}[/]{text}", highlight=False)
 
 
+# ---- bench / compare ------------------------------------------------------------------
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def bench(
+    data: Path = typer.Option(..., "--data", help="Benchmark file, read by path (e.g. "
+                              "../shared/data/counterfact/counterfact_500.json)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: rows.jsonl, report.json/.md/.png. "
+                             "Rerunning with the same settings resumes."),
+    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}."),
+    mode: str = typer.Option("single", help="single (edit, score, remove), batch (k cases per "
+                             "patch) or sequential (edits accumulate)."),
+    n: int | None = typer.Option(None, "--n", help="First n records (MQuAKE: cases)."),
+    fmt: str | None = typer.Option(None, "--format", help="counterfact, counterfact-portability, "
+                                   "easyedit, zsre, mquake or jsonl (default: detected)."),
+    batch_size: int = typer.Option(1, help="Cases per patch in batch mode."),
+    strategy: str = typer.Option("stack", help="Sequential mode: stack (a patch per edit, all "
+                                 "active) or shared (one adapter trained on, edit after edit)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap prompts in the "
+                                       "model's chat template."),
+    fluency_every: int = typer.Option(5, help="Measure fluency on every k-th record (0: never)."),
+    seed: int = typer.Option(0, help="Random seed of the run (recorded in the report)."),
+    keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
+                                      "in OUT/patches."),
+    config: Path | None = typer.Option(None, help="YAML file of method settings."),
+    model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value."),
+) -> None:
+    """Run an editing method over a benchmark file and write a report (BENCHMARK.md's scores,
+    the unedited baseline first, seconds and steps per edit, peak memory)."""
+    _setup_logging(verbose)
+    _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
+         fluency_every, seed, keep_patches, config, model, device, dtype, overrides)
+
+
+def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
+           fluency_every, seed, keep_patches, config, model, device, dtype, overrides) -> None:
+    from .bench import Bench, BenchSettings, markdown
+    from .config import build_config
+    from .methods import get_method
+
+    method, values = _method_config(method, config, overrides)
+    values.setdefault("seed", seed)
+    build_config(get_method(method).Config, values, where=method)  # fail before loading
+    if not data.is_file():
+        _fail(f"data: no such file {str(data)!r}")
+    settings = BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
+                             batch_size=batch_size, strategy=strategy, chat_template=chat_template,
+                             fluency_every=fluency_every, seed=seed, method_config=values)
+    editor = _editor(model, device, dtype, None)
+    report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
+    out.print(markdown([(out_dir.name, report)]), highlight=False)
+    out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+@app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="Run folders of `knowpatch bench`.")) -> None:
+    """One Markdown table of several bench runs, the unedited baseline first."""
+    from .bench import markdown
+
+    def body():
+        reports = []
+        for r in runs:
+            f = r / "report.json"
+            if not f.is_file():
+                raise KnowpatchError(f"compare: {r} holds no report.json")
+            reports.append((r.name, json.loads(f.read_text())))
+        print(markdown(reports), end="")
+    _run(body)
+
+
 # ---- patches --------------------------------------------------------------------------
 @patches_app.command("list")
 def patches_list(store: Path | None = StoreOpt,

@@ -62,15 +62,16 @@ def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int = 0,
     return out
 
 
-def anchor_prompts(requests: list[EditRequest], count: int) -> list[str]:
-    prompts: list[str] = []
-    for req in requests:
+def anchor_prompts(requests: list[EditRequest], count: int) -> list[tuple[str, int]]:
+    """(prompt, index of its request): each edit prompt with other subjects swapped in."""
+    out: list[tuple[str, int]] = []
+    for i, req in enumerate(requests):
         if req.subject and req.subject in req.prompt:
             others = [s for s in ANCHOR_SUBJECTS if s.lower() != req.subject.lower()]
-            prompts += [req.prompt.replace(req.subject, s) for s in others[:count]]
+            out += [(req.prompt.replace(req.subject, s), i) for s in others[:count]]
         else:
-            prompts += list(ANCHOR_TEXTS[:count])
-    return list(dict.fromkeys(prompts))
+            out += [(t, i) for t in ANCHOR_TEXTS[:count]]
+    return list(dict.fromkeys(out))
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -57,6 +57,8 @@ class Config:
     """Weight of KL(base ‖ edited) on the edit prompt with other subjects (0: off)."""
     anchors: int = 8
     """How many anchor prompts per request."""
+    spill_weight: float = 0.0
+    """Penalty on any rise of the new target's first-token log-prob on the anchor prompts."""
     append_eos: bool = False
     """Train an end-of-sequence token after the target."""
     seed: int = 0
@@ -75,8 +77,8 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
-        if self.prefixes < 0 or self.anchors < 0 or self.anchor_weight < 0:
-            raise ValueError("prefixes, anchors and anchor_weight must be ≥ 0")
+        if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight) < 0:
+            raise ValueError("prefixes, anchors, anchor_weight and spill_weight must be ≥ 0")
 
 
 def adapter_config(model: torch.nn.Module, config: Config):
@@ -102,9 +104,12 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
                              append_eos=config.append_eos)
     anchors: list[Example] = []
     ref_logp = None
-    if config.anchor_weight > 0 and config.anchors > 0:
-        anchors = [Example(tokenizer(p)["input_ids"], [])
-                   for p in anchor_prompts(requests, config.anchors)]
+    if (config.anchor_weight > 0 or config.spill_weight > 0) and config.anchors > 0:
+        pairs = anchor_prompts(requests, config.anchors)
+        anchors = [Example(tokenizer(p)["input_ids"], []) for p, _ in pairs]
+        # the first token of each anchor's request target: the token an edit spills as
+        first_target = torch.tensor([examples[i * (config.prefixes + 1)].target_ids[0]
+                                     for _, i in pairs], device=device)
         with torch.no_grad(), base() as base_model:
             ref_logp = last_token_logprobs(base_model, collate(anchors, pad, device))
     batch = collate(examples + anchors, pad, device)
@@ -118,9 +123,13 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
             last = batch["attention_mask"][n_edit:].sum(dim=1) - 1
             rows = torch.arange(len(anchors), device=logits.device)
             logp = torch.log_softmax(logits[n_edit:][rows, last].float(), dim=-1)
-            kl = kl_to_reference(ref_logp, logp)
-            loss = loss + config.anchor_weight * kl
-            info["kl"] = float(kl.detach())
+            if config.anchor_weight > 0:
+                kl = kl_to_reference(ref_logp, logp)
+                loss = loss + config.anchor_weight * kl
+                info["kl"] = float(kl.detach())
+            if config.spill_weight > 0:
+                rise = (logp[rows, first_target] - ref_logp[rows, first_target]).clamp(min=0)
+                loss = loss + config.spill_weight * rise.mean()
         return StepOutput(loss=loss, learnt=learnt, info=info)
 
     params = [p for p in model.parameters() if p.requires_grad]

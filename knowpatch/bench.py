@@ -1,0 +1,443 @@
+"""`knowpatch bench`: one editing method over a dataset, scored by BENCHMARK.md's protocol.
+
+Modes: `single` (edit one case, score, remove, next), `batch` (k cases in one patch),
+`sequential` (edits accumulate; each case is scored right after its own edit and again
+after the last edit). In sequential mode `stack` keeps every patch active; `shared` keeps
+training one adapter, edit after edit (EasyEdit's way, kept for comparison).
+
+The run folder holds `run.json` (the settings that define the run), `rows.jsonl` (one line
+per case, appended as it finishes, so a rerun with the same settings resumes where it
+stopped), `report.json`, `report.md` and `report.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .datasets import Case, load_cases
+from .editor import Editor, peak_rss_mb
+from .errors import KnowpatchError
+from .evaluate import SCORE_KEYS, Reference, _starts, evaluate, greedy, harmonic
+from .fluency import fluency
+from .patches import Patch
+from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "batch", "sequential")
+STRATEGIES = ("stack", "shared")
+SUMMARY_KEYS = SCORE_KEYS + ("fluency", "multihop")
+
+
+@dataclass
+class BenchSettings:
+    data: str
+    method: str = "lora-sft"
+    mode: str = "single"
+    n: int | None = None
+    format: str | None = None
+    batch_size: int = 1
+    strategy: str = "stack"
+    chat_template: bool = False
+    fluency_every: int = 5
+    seed: int = 0
+    method_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise KnowpatchError(f"mode: unknown value {self.mode!r} (expected {', '.join(MODES)})")
+        if self.strategy not in STRATEGIES:
+            raise KnowpatchError(
+                f"strategy: unknown value {self.strategy!r} (expected {', '.join(STRATEGIES)})")
+        if self.batch_size < 1:
+            raise KnowpatchError(f"batch_size: must be ≥ 1 (got {self.batch_size})")
+        if self.n is not None and self.n < 1:
+            raise KnowpatchError(f"n: must be ≥ 1 (got {self.n})")
+        if self.fluency_every < 0:
+            raise KnowpatchError(f"fluency_every: must be ≥ 0 (got {self.fluency_every})")
+
+
+def with_chat_template(tokenizer, case: Case) -> Case:
+    """Wrap every prompt of a case in the model's chat template (a user turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise KnowpatchError("chat_template: this model's tokenizer has no chat template")
+
+    def wrap(prompt: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+
+    reqs = [replace(
+        r, prompt=wrap(r.prompt), rephrase_prompts=[wrap(p) for p in r.rephrase_prompts],
+        locality=[LocalityProbe(wrap(p.prompt), p.answer) for p in r.locality],
+        portability=[PortabilityProbe(wrap(p.prompt), p.answer, p.aliases) for p in r.portability],
+    ) for r in case.requests]
+    return replace(case, requests=reqs,
+                   multihop=[PortabilityProbe(wrap(p.prompt), p.answer, p.aliases)
+                             for p in case.multihop],
+                   generation_prompts=[wrap(p) for p in case.generation_prompts])
+
+
+def multihop_correct(model, tokenizer, probes: list[PortabilityProbe]) -> float | None:
+    """MQuAKE: 100 if any of the case's questions is answered with the new answer/alias."""
+    if not probes:
+        return None
+    budgets = [max(len(encode_completion(tokenizer, p.prompt, a)[1]) for a in (p.answer, *p.aliases)) + 2
+               for p in probes]
+    outs = greedy(model, tokenizer, [p.prompt for p in probes], budgets)
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return 100.0 * any(_starts(t, [p.answer, *p.aliases], False) for p, t in zip(probes, texts))
+
+
+class Bench:
+    def __init__(self, editor: Editor, settings: BenchSettings, out: str | Path,
+                 keep_patches: bool = False, progress: bool = True):
+        self.editor = editor
+        self.s = settings
+        self.out = Path(out)
+        self.keep = keep_patches or settings.mode == "sequential"
+        self.progress = progress
+        self.editor.progress = False  # one bar for the whole run
+
+    # ---- run bookkeeping ------------------------------------------------------------
+    def _run_key(self) -> dict[str, Any]:
+        return {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
+                "model": self.editor.model_name, "fingerprint": self.editor.fingerprint}
+
+    def _check_resume(self) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        run_file = self.out / "run.json"
+        key = self._run_key()
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            if differ:
+                raise KnowpatchError(
+                    f"out: {self.out} holds a run with other settings ({', '.join(differ)} "
+                    "differ); use another --out or the same settings to resume")
+        else:
+            run_file.write_text(json.dumps(key, indent=2))
+        rows_file = self.out / "rows.jsonl"
+        rows = []
+        if rows_file.is_file():
+            for line in rows_file.read_text().splitlines():
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line cut by an interruption: redo from there
+        return rows
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.out / "rows.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # ---- scoring ----------------------------------------------------------------------
+    def _score(self, case: Case, reference: Reference | None, patches: list[Patch] | None,
+               fluency_on: bool) -> tuple[dict[str, Any], Reference]:
+        ed = self.editor
+        with ed.using(patches) as model:
+            ev = evaluate(model, ed.tokenizer, case.requests, reference)
+            scores: dict[str, Any] = dict(ev.summary)
+            scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
+            scores["fluency"] = (fluency(model, ed.tokenizer, case.generation_prompts, self.s.seed)
+                                 if fluency_on else None)
+        return scores, ev.reference
+
+    def _edit(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
+        started = time.perf_counter()
+        patch = self.editor.edit(requests, method=self.s.method, config=self.s.method_config,
+                                 save=False, evaluate=False, into=into)
+        return patch, time.perf_counter() - started
+
+    # ---- modes ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        torch.manual_seed(self.s.seed)
+        cases = load_cases(self.s.data, self.s.format, self.s.n)
+        if self.s.chat_template:
+            cases = [with_chat_template(self.editor.tokenizer, c) for c in cases]
+        rows = self._check_resume()
+        done = {r["case_id"] for r in rows}
+        todo = [c for c in cases if c.case_id not in done]
+        if rows:
+            log.info("resuming: %d of %d cases already done", len(rows), len(cases))
+        bar = _Bar(len(cases), len(rows), enabled=self.progress)
+        try:
+            if self.s.mode == "sequential":
+                rows = self._sequential(cases, rows, bar)
+            else:
+                k = self.s.batch_size if self.s.mode == "batch" else 1
+                for start in range(0, len(todo), k):
+                    for row in self._group(todo[start: start + k], len(rows)):
+                        rows.append(row)
+                        self._append(row)
+                        bar.advance(rows)
+        finally:
+            bar.stop()
+        report = self.report(rows)
+        return report
+
+    def _group(self, group: list[Case], index: int) -> list[dict[str, Any]]:
+        """Edit `group` in one patch (single: a group of one), score each case, remove."""
+        refs, base_scores = [], []
+        for i, case in enumerate(group):
+            fl = bool(self.s.fluency_every) and (index + i) % self.s.fluency_every == 0
+            scores, ref = self._score(case, None, [], fl)
+            refs.append(ref)
+            base_scores.append(scores)
+        requests = [r for c in group for r in c.requests]
+        patch, seconds = self._edit(requests)
+        rows = []
+        try:
+            for i, case in enumerate(group):
+                t0 = time.perf_counter()
+                fl = base_scores[i]["fluency"] is not None
+                scores, _ = self._score(case, refs[i], [patch], fl)
+                rows.append(self._row(case, scores, base_scores[i], patch, seconds,
+                                      time.perf_counter() - t0, group_size=len(group)))
+            if self.keep:
+                patch.save(self.out / "patches" / patch.id)
+        finally:
+            self.editor.remove(patch)
+        return rows
+
+    def _sequential(self, cases: list[Case], rows: list[dict[str, Any]], bar) -> list[dict[str, Any]]:
+        ed = self.editor
+        patch_dir = self.out / "patches"
+        refs: dict[str, Reference] = {}
+        base: dict[str, dict[str, Any]] = {}
+        done = {r["case_id"] for r in rows}
+        shared: Patch | None = None
+        # resume: put back what earlier edits left
+        if rows and self.s.strategy == "stack":
+            for r in rows:
+                ed.apply(Patch.load(patch_dir / r["patch_id"]))
+        if rows and self.s.strategy == "shared":
+            shared = ed.apply(Patch.load(patch_dir / "shared"))
+        for index, case in enumerate(cases):
+            fl = bool(self.s.fluency_every) and index % self.s.fluency_every == 0
+            with ed.using([]):
+                base[case.case_id], refs[case.case_id] = self._score(case, None, [], fl)
+            if case.case_id in done:
+                continue
+            patch, seconds = self._edit(case.requests, into=shared)
+            if self.s.strategy == "shared":
+                shared = patch
+                patch.save(patch_dir / "shared", overwrite=True)
+            else:
+                patch.save(patch_dir / patch.id)
+            t0 = time.perf_counter()
+            scores, _ = self._score(case, refs[case.case_id], None, fl)  # all applied patches
+            row = self._row(case, scores, base[case.case_id], patch, seconds,
+                            time.perf_counter() - t0, group_size=1)
+            rows.append(row)
+            self._append(row)
+            bar.advance(rows)
+        # after the last edit: every case again, with everything applied
+        final_file = self.out / "final.jsonl"
+        final_rows = []
+        bar.relabel("re-scoring after the last edit")
+        for case in cases:
+            fl = base[case.case_id]["fluency"] is not None
+            scores, _ = self._score(case, refs[case.case_id], None, fl)
+            final_rows.append({"case_id": case.case_id, "final": scores})
+        final_file.write_text("".join(json.dumps(r) + "\n" for r in final_rows))
+        by_id = {r["case_id"]: r["final"] for r in final_rows}
+        for r in rows:
+            r["final"] = by_id.get(r["case_id"])
+        return rows
+
+    def _row(self, case: Case, scores: dict[str, Any], baseline: dict[str, Any], patch: Patch,
+             seconds: float, eval_seconds: float, group_size: int) -> dict[str, Any]:
+        return {
+            "case_id": case.case_id, "prompt": case.requests[0].prompt,
+            "target_new": case.requests[0].target_new, "scores": scores, "baseline": baseline,
+            "steps": patch.steps, "learnt": patch.manifest.get("learnt"),
+            "edit_seconds": round(seconds / group_size, 4), "eval_seconds": round(eval_seconds, 4),
+            "group_size": group_size, "patch_id": patch.id,
+        }
+
+    # ---- report -----------------------------------------------------------------------
+    def report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        sequential = self.s.mode == "sequential"
+        after = [r.get("final") or r["scores"] for r in rows] if sequential else [r["scores"] for r in rows]
+        edit_s = [r["edit_seconds"] for r in rows]
+        summary = summarize_rows(after)
+        summary.update({
+            "s_per_edit_median": _round(statistics.median(edit_s)) if edit_s else None,
+            "s_per_edit_p90": _round(_quantile(edit_s, 0.9)) if edit_s else None,
+            "steps_median": statistics.median([r["steps"] for r in rows]) if rows else None,
+            "eval_s_per_record": _round(statistics.mean([r["eval_seconds"] for r in rows])) if rows else None,
+            "peak_rss_mb": peak_rss_mb(), "n": len(rows),
+        })
+        report = {
+            "config": {**asdict(self.s), "keep_patches": self.keep},
+            "environment": environment(self.editor),
+            "baseline": summarize_rows([r["baseline"] for r in rows]),
+            "summary": summary,
+            "notes": NOTES,
+        }
+        if sequential:
+            report["summary_immediate"] = summarize_rows([r["scores"] for r in rows])
+        (self.out / "report.json").write_text(json.dumps(report, indent=2))
+        (self.out / "report.md").write_text(markdown([(self.out.name, report)]))
+        try:
+            figure(rows, self.out / "report.png", sequential)
+        except Exception as exc:  # noqa: BLE001 - a missing figure must not lose the report
+            log.warning("no figure: %s", exc)
+        return report
+
+
+NOTES = (
+    "Scores in %, averaged per record then over records. loc compares the 5-token greedy "
+    "continuation with the unedited model's own. score = harmonic mean of rel, gen, loc (over "
+    "those present); S = harmonic mean of es, ps, ns. s_per_edit is the wall time of the edit "
+    "alone (training, adapter creation), not of evaluation. In sequential mode, summary is "
+    "measured after the last edit and summary_immediate right after each case's own edit."
+)
+
+
+def summarize_rows(scores: list[dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in SUMMARY_KEYS:
+        if key in ("score", "S"):
+            continue
+        vals = [s[key] for s in scores if s.get(key) is not None]
+        out[key] = _round(sum(vals) / len(vals)) if vals else None
+    out["score"] = _round(harmonic([out["rel"], out["gen"], out["loc"]]))
+    out["S"] = _round(harmonic([out["es"], out["ps"], out["ns"]]))
+    return {k: out[k] for k in SUMMARY_KEYS}
+
+
+def _round(x: float | None, nd: int = 2) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def environment(editor: Editor) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "knowpatch": __version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "device": str(editor.device), "model": editor.model_name,
+        "fingerprint": editor.fingerprint, "git_commit": commit,
+    }
+
+
+TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
+              "loc_tf", "fluency", "multihop")
+
+
+def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """One table: the baseline (of the first run) first, then each run's summary."""
+    cols = ["run", *TABLE_KEYS, "s/edit", "steps/edit", "peak MB", "n"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def cell(v: Any) -> str:
+        return "–" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+    if runs:
+        base = runs[0][1]["baseline"]
+        lines.append("| unedited | " + " | ".join(cell(base.get(k)) for k in TABLE_KEYS)
+                     + " | – | – | – | " + cell(runs[0][1]["summary"].get("n")) + " |")
+    for name, rep in runs:
+        s = rep["summary"]
+        c = rep["config"]
+        label = f"{name} ({c['method']}, {c['mode']})"
+        lines.append(f"| {label} | " + " | ".join(cell(s.get(k)) for k in TABLE_KEYS) + " | "
+                     + " | ".join(cell(s.get(k)) for k in ("s_per_edit_median", "steps_median",
+                                                            "peak_rss_mb", "n")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict[str, Any]], path: Path, sequential: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if sequential:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("rel", "gen", "loc"):
+            vals = [r["scores"].get(key) for r in rows]
+            pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
+            running = []
+            total = 0.0
+            for j, (_, v) in enumerate(pts):
+                total += v
+                running.append(total / (j + 1))
+            ax.plot([p[0] for p in pts], running, label=f"{key} (right after each edit, running mean)")
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel("%")
+        ax.legend()
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].hist([r["steps"] for r in rows], bins=20)
+        axes[0].set_xlabel("optimizer steps per edit")
+        axes[1].hist([r["edit_seconds"] for r in rows], bins=20)
+        axes[1].set_xlabel("seconds per edit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _Bar:
+    """Records done, running scores and ETA on stderr."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True))
+        self.progress.start()
+        self.task = self.progress.add_task("bench", total=total, completed=done)
+
+    def advance(self, rows: list[dict[str, Any]]) -> None:
+        if self.progress is None:
+            return
+        s = summarize_rows([r["scores"] for r in rows])
+        desc = " ".join(f"{k} {s[k]:.0f}" for k in ("rel", "gen", "loc") if s.get(k) is not None)
+        self.progress.update(self.task, completed=len(rows), description=f"bench {desc}")
+
+    def relabel(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=text)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,124 @@
+"""`knowpatch bench` on the tiny model: each mode, resume, reports, compare."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from knowpatch import KnowpatchError
+from knowpatch.bench import Bench, BenchSettings
+from knowpatch.cli import app
+
+FIX = Path(__file__).parent / "fixtures"
+FAST = {"lr": 3e-2, "max_steps": 30, "modules": ["all"], "layers": "all", "anchor_weight": 0.0}
+
+
+def _bench(editor, out, **kw):
+    settings = BenchSettings(data=str(kw.pop("data", FIX / "counterfact.json")),
+                             method_config=dict(FAST), fluency_every=kw.pop("fluency_every", 0),
+                             **kw)
+    return Bench(editor, settings, out, progress=False)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+
+
+def test_single_mode_report(tiny_editor, tmp_path):
+    report = _bench(tiny_editor, tmp_path, n=2, fluency_every=2).run()
+    rows = _rows(tmp_path)
+    assert [r["case_id"] for r in rows] == [r["case_id"] for r in rows[:2]] and len(rows) == 2
+    assert report["summary"]["n"] == 2 and report["baseline"]["loc"] == 100.0
+    for key in ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
+                "loc_tf", "fluency", "multihop", "s_per_edit_median", "s_per_edit_p90",
+                "steps_median", "eval_s_per_record", "peak_rss_mb", "n"):
+        assert key in report["summary"]
+    assert report["summary"]["port"] is None and report["summary"]["multihop"] is None
+    assert report["summary"]["fluency"] is not None  # record 0 is measured (every 2nd)
+    assert rows[0]["scores"]["fluency"] is not None and rows[1]["scores"]["fluency"] is None
+    assert report["environment"]["fingerprint"] == tiny_editor.fingerprint
+    assert "summary_immediate" not in report
+    assert (tmp_path / "report.md").read_text().splitlines()[2].startswith("| unedited")
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert tiny_editor.applied == []  # single mode removes each patch
+    assert not (tmp_path / "patches").exists()
+
+
+def test_batch_mode_puts_k_cases_in_one_patch(tiny_editor, tmp_path):
+    _bench(tiny_editor, tmp_path, mode="batch", batch_size=2, n=3).run()
+    rows = _rows(tmp_path)
+    assert len(rows) == 3
+    assert rows[0]["patch_id"] == rows[1]["patch_id"] != rows[2]["patch_id"]
+    assert rows[0]["group_size"] == 2 and rows[2]["group_size"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["stack", "shared"])
+def test_sequential_mode_scores_twice(tiny_editor, tmp_path, strategy):
+    report = _bench(tiny_editor, tmp_path, mode="sequential", strategy=strategy, n=3).run()
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 and "summary_immediate" in report
+    final = [json.loads(x) for x in (tmp_path / "final.jsonl").read_text().splitlines()]
+    assert len(final) == 3
+    patches = sorted(p.name for p in (tmp_path / "patches").iterdir())
+    assert len(patches) == (3 if strategy == "stack" else 1)
+    if strategy == "shared":
+        manifest = json.loads((tmp_path / "patches" / "shared" / "patch.json").read_text())
+        assert manifest["edits"] == 3 and len(manifest["requests"]) == 3
+
+
+def test_resume_after_interruption(tiny_editor, tmp_path, monkeypatch):
+    bench = _bench(tiny_editor, tmp_path, n=3)
+    calls = {"n": 0}
+    original = Bench._edit
+
+    def flaky(self, requests, into=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, requests, into)
+
+    monkeypatch.setattr(Bench, "_edit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run()
+    assert len(_rows(tmp_path)) == 1
+    first = _rows(tmp_path)[0]
+    calls["n"] = 10
+    _bench(tiny_editor, tmp_path, n=3).run()
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 and rows[0] == first  # not redone
+    assert calls["n"] == 12  # two edits after the resume
+
+
+def test_rerun_with_other_settings_is_refused(tiny_editor, tmp_path):
+    _bench(tiny_editor, tmp_path, n=1).run()
+    with pytest.raises(KnowpatchError, match="mode, n differ|n, mode differ"):
+        _bench(tiny_editor, tmp_path, n=2, mode="batch").run()
+
+
+def test_mquake_multihop_and_portability(tiny_editor, tmp_path):
+    report = _bench(tiny_editor, tmp_path / "mq", data=FIX / "mquake.json", n=1).run()
+    assert report["summary"]["multihop"] is not None
+    report = _bench(tiny_editor, tmp_path / "zs", data=FIX / "zsre.json", n=1).run()
+    assert report["summary"]["port"] is not None
+
+
+def test_chat_template_wraps_prompts(tiny_editor, tmp_path):
+    _bench(tiny_editor, tmp_path, n=1, chat_template=True).run()
+    assert "<|im_start|>" in _rows(tmp_path)[0]["prompt"]
+
+
+def test_cli_bench_and_compare(tiny_dir, tmp_path):
+    runner = CliRunner()
+    args = ["bench", "--model", str(tiny_dir), "--data", str(FIX / "counterfact.json"), "--n", "1",
+            "--fluency-every", "0", "lr=3e-2", "max_steps=5", "anchor_weight=0"]
+    a = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert a.exit_code == 0, a.stderr
+    b = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "rank=2"])
+    assert b.exit_code == 0, b.stderr
+    res = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    lines = res.stdout.splitlines()
+    assert lines[2].startswith("| unedited") and lines[3].startswith("| a (") and lines[4].startswith("| b (")
+    bad = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--data", str(tmp_path / "x.json"),
+                              "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "no such file" in bad.stderr
