@@ -170,10 +170,12 @@ def _demo(model, device, dtype, store, target) -> None:
 # ---- edit -----------------------------------------------------------------------------
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def edit(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt whose answer to change; "
-                               "{} is replaced by --subject."),
-    target: str = typer.Option(..., "--target", "-t", help="The new answer, as you would "
-                               "write it (Rome); the space before it is added."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt whose answer to "
+                                      "change; {} is replaced by --subject."),
+    target: str | None = typer.Option(None, "--target", "-t", help="The new answer, as you "
+                                      "would write it (Rome); the space before it is added."),
+    requests: Path | None = typer.Option(None, "--requests", help="A JSONL file of requests "
+                                         "(docs/data-formats.md), all trained into one patch."),
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}."),
     ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
     subject: str | None = typer.Option(None, help="The subject the fact is about."),
@@ -196,14 +198,23 @@ def edit(
     --neighbor "The capital of Germany is" lr=5e-3
     """
     _setup_logging(verbose)
-    _run(_edit, prompt, target, method, ground_truth, subject, paraphrase, neighbor, config,
-         store, model, device, dtype, as_json, overrides)
+    _run(_edit, prompt, target, requests, method, ground_truth, subject, paraphrase, neighbor,
+         config, store, model, device, dtype, as_json, overrides)
 
 
-def _edit(prompt, target, method, ground_truth, subject, paraphrase, neighbor, config, store,
-          model, device, dtype, as_json, overrides) -> None:
+def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphrase, neighbor,
+          config, store, model, device, dtype, as_json, overrides) -> None:
     method, values = _method_config(method, config, overrides)
-    req = _request(prompt, target, ground_truth, subject, paraphrase, neighbor)
+    if requests_file is not None:
+        if prompt or target:
+            _fail("--requests and --prompt/--target exclude each other")
+        from .datasets import load_cases
+
+        req = [r for case in load_cases(requests_file, "jsonl") for r in case.requests]
+    elif prompt is None or target is None:
+        _fail("give --prompt and --target (or --requests FILE.jsonl)")
+    else:
+        req = _request(prompt, target, ground_truth, subject, paraphrase, neighbor)
     from .config import build_config
     from .methods import get_method
 

@@ -94,3 +94,16 @@ def test_help_teaches():
     assert res.exit_code == 0 and "demo" in res.stdout and "edit" in res.stdout
     res = run("edit", "--help")
     assert "key=value" in res.stdout and "--neighbor" in res.stdout
+
+
+def test_edit_requests_file_trains_one_patch(tiny_dir, tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "edits.jsonl"
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path, "--requests", fixture, "--json", *FAST)
+    assert res.exit_code == 0, res.stderr
+    manifest = json.loads((Path(json.loads(res.stdout)["patch"]) / "patch.json").read_text())
+    n_lines = sum(1 for line in fixture.read_text().splitlines() if line.strip())
+    assert len(manifest["requests"]) == n_lines > 1
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path, "-p", PROMPT)
+    assert res.exit_code == 2 and "--target" in res.stderr

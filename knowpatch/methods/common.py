@@ -50,12 +50,37 @@ class Example:
     target_ids: list[int]
 
 
-def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int = 0,
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "When", "In")
+
+
+def sampled_prefixes(model, tokenizer, count: int, seed: int = 0, length: int = 10) -> tuple[str, ...]:
+    """`count` short texts sampled from the model itself (top-k 5, fixed seed), each ending in
+    ". ": ROME's context templates, so the edit holds after text the model finds natural."""
+    from ..fluency import sample
+
+    key = (id(model), getattr(model.config, "_name_or_path", ""), count, seed, length)
+    if key in _PREFIX_CACHE:
+        return _PREFIX_CACHE[key]
+    starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(count)]
+    texts = sample(model, tokenizer, starts, max_new_tokens=length, seed=seed)
+    out = tuple((s + t).replace("\n", " ").strip() + ". " for s, t in zip(starts, texts))
+    _PREFIX_CACHE[key] = out
+    return out
+
+
+# Sampled prefixes depend only on the base model, count and seed: sample them once per
+# loaded model (the model is sampled with adapters off, so its identity is the base's).
+_PREFIX_CACHE: dict[tuple, tuple[str, ...]] = {}
+
+
+def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int | tuple[str, ...] = 0,
                   append_eos: bool = False) -> list[Example]:
-    """Each request's prompt → target_new, and the same under `prefixes` neutral prefixes."""
+    """Each request's prompt → target_new, and the same after each prefix (`prefixes`: a
+    count of the fixed neutral prefixes, or the prefixes themselves)."""
+    chosen = PREFIXES[:prefixes] if isinstance(prefixes, int) else tuple(prefixes)
     out = []
     for req in requests:
-        for prefix in ("",) + PREFIXES[:prefixes]:
+        for prefix in ("",) + chosen:
             p, t = encode_completion(tokenizer, prefix + req.prompt, req.target_new,
                                      append_eos=append_eos)
             out.append(Example(p, t))

@@ -24,6 +24,7 @@ from .common import (
     edit_examples,
     kl_to_reference,
     last_token_logprobs,
+    sampled_prefixes,
     target_loss,
 )
 
@@ -49,10 +50,13 @@ class Config:
     """AdamW learning rate."""
     max_steps: int = 40
     """Ceiling on optimizer steps; training stops earlier as soon as the edit is learnt."""
-    margin: float = 1.0
+    margin: float = 3.0
     """Early stop once every target token beats the runner-up logit by this much."""
-    prefixes: int = 0
-    """Also train the target after this many neutral prefixes (helps paraphrases)."""
+    prefixes: int = 4
+    """Also train the target after this many prefixes (helps paraphrases)."""
+    prefix_source: str = "model"
+    """Where prefixes come from: fixed (neutral sentences) or model (sampled from the base
+    model once per edit, seeded: ROME's context templates)."""
     anchor_weight: float = 5.0
     """Weight of KL(base ‖ edited) on the edit prompt with other subjects (0: off)."""
     anchors: int = 8
@@ -77,6 +81,8 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
+        if self.prefix_source not in ("fixed", "model"):
+            raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
         if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight) < 0:
             raise ValueError("prefixes, anchors, anchor_weight and spill_weight must be ≥ 0")
 
@@ -100,7 +106,11 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    examples = edit_examples(tokenizer, requests, prefixes=config.prefixes,
+    prefixes: int | tuple[str, ...] = config.prefixes
+    if config.prefix_source == "model" and config.prefixes:
+        with torch.no_grad(), base() as base_model:
+            prefixes = sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed)
+    examples = edit_examples(tokenizer, requests, prefixes=prefixes,
                              append_eos=config.append_eos)
     anchors: list[Example] = []
     ref_logp = None
