@@ -71,12 +71,11 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, name)
-            except KnowpatchError as exc:
-                errors.append(str(exc))
+            except KnowpatchError:
+                continue
         raise field_error(name, f"does not fit {tp}", value)
     if origin in (list, tuple):
         if isinstance(value, str):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KnowpatchError, field_error
-from .requests import EditRequest, LocalityProbe, PortabilityProbe
+from .requests import EditRequest, LocalityProbe, PortabilityProbe, check_text
 
 
 @dataclass
@@ -187,15 +187,7 @@ def _text(obj: Any, path: str, prefix: str = "", required: bool = True) -> str |
     value = _at(obj, path, prefix, required)
     if value is None:
         return None
-    return _check_text(_join(prefix, path), value)
-
-
-def _check_text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise field_error(name, "must be a string", value)
-    if not value.strip():
-        raise field_error(name, "must not be empty")
-    return value
+    return check_text(_join(prefix, path), value)
 
 
 def _texts(obj: Any, path: str, prefix: str = "", required: bool = False, single: bool = False) -> list[str]:
@@ -205,10 +197,10 @@ def _texts(obj: Any, path: str, prefix: str = "", required: bool = False, single
     if value is None:
         return []
     if single and isinstance(value, str):
-        return [_check_text(name, value)]
+        return [check_text(name, value)]
     if not isinstance(value, list):
         raise field_error(name, "must be a list of strings", value)
-    return [_check_text(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [check_text(f"{name}[{i}]", v) for i, v in enumerate(value)]
 
 
 def _new_questions(obj: dict, key: str, required: bool) -> list[PortabilityProbe]:

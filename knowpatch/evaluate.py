@@ -46,6 +46,17 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(head, add_special_tokens=True)["input_ids"]
 
 
+def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a batch, padded on the left (for generation)."""
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int,
            batch_size: int = 32) -> list[list[int]]:
@@ -59,12 +70,8 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = left_padded([encoded[i] for i in chunk], pad)
+        width = ids.shape[1]
         budget = max(budgets[i] for i in chunk)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=budget, do_sample=False, pad_token_id=pad,

@@ -31,7 +31,7 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3),
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, top_k: int = 5,
            seed: int = 0, batch_size: int = 16) -> list[str]:
     """Top-k samples (fixed seed) of `max_new_tokens` tokens, batched with left padding."""
-    from .evaluate import prompt_ids
+    from .evaluate import left_padded, prompt_ids
 
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
@@ -41,12 +41,8 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, t
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start: start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(chunk):
-                ids[row, width - len(e):] = torch.tensor(e)
-                mask[row, width - len(e):] = 1
+            ids, mask = left_padded(chunk, tokenizer.pad_token_id)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  do_sample=True, top_k=top_k, top_p=None, temperature=1.0,
                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,

@@ -47,22 +47,22 @@ class EditRequest:
     rejected: str | None = None
 
     def __post_init__(self) -> None:
-        self.prompt = _text("prompt", self.prompt)
-        self.target_new = _text("target_new", self.target_new).strip()
+        self.prompt = check_text("prompt", self.prompt)
+        self.target_new = check_text("target_new", self.target_new).strip()
         if not self.target_new:
             raise field_error("target_new", "must not be empty or only white space")
         if self.ground_truth is not None:
-            self.ground_truth = _text("ground_truth", self.ground_truth).strip()
+            self.ground_truth = check_text("ground_truth", self.ground_truth).strip()
         if self.rejected is not None:
-            self.rejected = _text("rejected", self.rejected).strip()
+            self.rejected = check_text("rejected", self.rejected).strip()
         if self.subject is not None:
-            self.subject = _text("subject", self.subject).strip()
+            self.subject = check_text("subject", self.subject).strip()
         if "{}" in self.prompt:
             if not self.subject:
                 raise field_error("subject", "is required when prompt holds '{}'", self.prompt)
             self.prompt = self.prompt.replace("{}", self.subject)
         self.rephrase_prompts = [
-            _text(f"rephrase_prompts[{i}]", p) for i, p in enumerate(_as_list(self.rephrase_prompts))
+            check_text(f"rephrase_prompts[{i}]", p) for i, p in enumerate(_as_list(self.rephrase_prompts))
         ]
         self.locality = [
             _locality(f"locality[{i}]", p) for i, p in enumerate(_as_list(self.locality))
@@ -87,7 +87,8 @@ class EditRequest:
         return cls(**data)
 
 
-def _text(name: str, value: Any) -> str:
+def check_text(name: str, value: Any) -> str:
+    """A non-empty string, else an error naming `name`."""
     if not isinstance(value, str):
         raise field_error(name, "must be a string", value)
     if not value.strip():
@@ -107,15 +108,15 @@ def _locality(name: str, value: Any) -> LocalityProbe:
     if isinstance(value, LocalityProbe):
         return value
     if isinstance(value, str):
-        return LocalityProbe(_text(name, value))
+        return LocalityProbe(check_text(name, value))
     if isinstance(value, dict):
         answer = value.get("answer")
-        return LocalityProbe(_text(f"{name}.prompt", value.get("prompt")),
-                             None if answer is None else _text(f"{name}.answer", answer).strip())
+        return LocalityProbe(check_text(f"{name}.prompt", value.get("prompt")),
+                             None if answer is None else check_text(f"{name}.answer", answer).strip())
     if isinstance(value, (tuple, list)) and len(value) in (1, 2):
         answer = value[1] if len(value) == 2 else None
-        return LocalityProbe(_text(f"{name}.prompt", value[0]),
-                             None if answer is None else _text(f"{name}.answer", answer).strip())
+        return LocalityProbe(check_text(f"{name}.prompt", value[0]),
+                             None if answer is None else check_text(f"{name}.answer", answer).strip())
     raise field_error(name, "must be a prompt, (prompt, answer) or {prompt, answer}", value)
 
 
@@ -129,9 +130,9 @@ def _portability(name: str, value: Any) -> PortabilityProbe:
         aliases = value[2] if len(value) == 3 else ()
     else:
         raise field_error(name, "must be (prompt, answer[, aliases]) or {prompt, answer}", value)
-    aliases = tuple(_text(f"{name}.aliases", a).strip() for a in _as_list(aliases))
-    return PortabilityProbe(_text(f"{name}.prompt", prompt),
-                            _text(f"{name}.answer", answer).strip(), aliases)
+    aliases = tuple(check_text(f"{name}.aliases", a).strip() for a in _as_list(aliases))
+    return PortabilityProbe(check_text(f"{name}.prompt", prompt),
+                            check_text(f"{name}.answer", answer).strip(), aliases)
 
 
 def split_completion(prompt: str, completion: str) -> tuple[str, str]:

@@ -7,7 +7,6 @@ Which linear layers get an adapter is discovered from the model's shapes (see
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -148,6 +147,3 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
                             description="LoRA SFT")
     return run_loop(model, params, step, settings)
 
-
-def describe(config: Config) -> dict:
-    return dataclasses.asdict(config)
