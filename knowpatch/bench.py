@@ -36,7 +36,7 @@ from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_compl
 log = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
-STRATEGIES = ("stack", "shared")
+STRATEGIES = ("stack", "shared", "routed")
 SUMMARY_KEYS = SCORE_KEYS + ("fluency", "multihop")
 
 
@@ -108,11 +108,22 @@ class Bench:
         self.keep = keep_patches or settings.mode == "sequential"
         self.progress = progress
         self.editor.progress = False  # one bar for the whole run
+        # sequential stack/shared: every patch acts on every query (the comparison);
+        # routed, single and batch: keyed patches act only on the queries they match
+        self.editor.routing = not (settings.mode == "sequential" and settings.strategy != "routed")
 
     # ---- run bookkeeping ------------------------------------------------------------
     def _run_key(self) -> dict[str, Any]:
+        from .config import build_config
+        from .methods import get_method
+
+        # the method's full settings, defaults included: a run resumed after the defaults
+        # changed would mix two configurations
+        resolved = asdict(build_config(get_method(self.s.method).Config, self.s.method_config,
+                                       where=self.s.method))
         return {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
-                "model": self.editor.model_name, "fingerprint": self.editor.fingerprint}
+                "model": self.editor.model_name, "fingerprint": self.editor.fingerprint,
+                "method_settings": resolved}
 
     def _check_resume(self) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +232,7 @@ class Bench:
         done = {r["case_id"] for r in rows}
         shared: Patch | None = None
         # resume: put back what earlier edits left
-        if rows and self.s.strategy == "stack":
+        if rows and self.s.strategy in ("stack", "routed"):
             for r in rows:
                 ed.apply(Patch.load(patch_dir / r["patch_id"]))
         if rows and self.s.strategy == "shared":

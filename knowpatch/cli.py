@@ -322,7 +322,9 @@ def bench(
                                    "easyedit, zsre, mquake or jsonl (default: detected)."),
     batch_size: int = typer.Option(1, help="Cases per patch in batch mode."),
     strategy: str = typer.Option("stack", help="Sequential mode: stack (a patch per edit, all "
-                                 "active) or shared (one adapter trained on, edit after edit)."),
+                                 "active for every query), routed (a patch per edit, each query "
+                                 "answered with the patches its subject matches) or shared (one "
+                                 "adapter trained on, edit after edit, as EasyEdit does)."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Wrap prompts in the "
                                        "model's chat template."),
     fluency_every: int = typer.Option(5, help="Measure fluency on every k-th record (0: never)."),

@@ -30,6 +30,7 @@ from .methods import get_method
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .patches import Patch, PatchStore, make_manifest, new_patch_id
 from .requests import EditRequest, check_fits
+from .router import Route, Router, compute_keys, fact_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,15 @@ class Editor:
         self._peft = None
         self._loaded: dict[str, Patch] = {}  # adapters present in the PeftModel
         self._applied: list[str] = []  # adapters active for generate/evaluate
+        self.routing = True
+        """Route keyed patches per query (False: every applied patch acts on every query)."""
+        self.router = Router()
+        self.last_routes: list[Route] = []  # the routing of the last batch that was routed
+        self._gates: dict[str, torch.Tensor] = {}  # adapter -> per-row 0/1 for this batch
+        self._gate_hooks: dict[str, list[Any]] = {}
+        self._route_candidates: list[str] | None = None
+        self._routing_now = False
+        model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -94,6 +104,81 @@ class Editor:
             self._peft = get_peft_model(self.model, config, adapter_name=name)
         else:
             self._peft.add_adapter(name, config)
+        self._add_gate_hooks(name)
+
+    def _add_gate_hooks(self, name: str) -> None:
+        """Let a routed batch switch adapter `name` on or off per row: its LoRA B output is
+        multiplied by that row's gate (0 or 1) while a gate is set; without one, untouched."""
+
+        def hook(_module, _inputs, output, name=name):
+            gate = self._gates.get(name)
+            if gate is None:
+                return output
+            return output * gate.view(-1, *([1] * (output.dim() - 1))).to(output.dtype)
+
+        handles = []
+        for module in self.model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, torch.nn.ModuleDict) and name in lora_b:
+                handles.append(lora_b[name].register_forward_hook(hook))
+        self._gate_hooks[name] = handles
+
+    def _register_keys(self, patch: Patch) -> None:
+        info = patch.routing
+        if info is not None:
+            self.router.add(patch.id, patch.keys, info["layer"], info["threshold"],
+                            frozenset(info.get("facts", [])))
+
+    # ---- routing ----------------------------------------------------------------------
+    def _route_hook(self, _module, args, kwargs):
+        """Before each forward of a new batch (not a cached generation step), decide per
+        row which candidate patches fire, and set the adapters and per-row gates."""
+        if self._route_candidates is None or self._routing_now:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # the name varies by version
+        if ids is None or (past is not None and past.get_seq_length() > 0):
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            mask = mask[:, -ids.shape[1]:]
+        rows = [(ids[r][mask[r].bool()] if mask is not None else ids[r]).tolist()
+                for r in range(ids.shape[0])]
+        self._route_rows(rows, self._route_candidates)
+        return None
+
+    def _route_rows(self, rows: list[list[int]], candidates: list[str]) -> list[Route]:
+        keyed = [c for c in candidates if c in self.router]
+        always = [c for c in candidates if c not in self.router]
+        routes = [Route([], {}) for _ in rows]
+        if keyed:
+            self._routing_now = True
+            self._gates = {}
+            try:
+                self._activate([])
+                routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id, keyed)
+            finally:
+                self._routing_now = False
+        fired = {p for r in routes for p in r.fired}
+        union = always + [c for c in keyed if c in fired]
+        self._gates = {p: torch.tensor([float(p in r.fired) for r in routes], device=self.device)
+                       for p in union if p not in always}
+        self._activate(union)
+        self.last_routes = routes
+        return routes
+
+    def route(self, prompts: str | Sequence[str], patches=None) -> list[Route]:
+        """How the router decides for `prompts` among `patches` (None: those applied)."""
+        from .evaluate import prompt_ids
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        names = list(self._applied) if patches is None else [
+            self._load(self._as_patch(p)) for p in patches]
+        try:
+            return self._route_rows([prompt_ids(self.tokenizer, p) for p in prompts], names)
+        finally:
+            self._gates = {}
+            self._activate(self._applied)
 
     def _load(self, patch: Patch) -> str:
         from peft import set_peft_model_state_dict
@@ -112,12 +197,16 @@ class Editor:
             self._peft.delete_adapter(patch.id)
             raise KnowpatchError(f"patch {patch.id}: weights do not fit this model ({missing[0]})")
         self._loaded[patch.id] = patch
+        self._register_keys(patch)
         return patch.id
 
     def _unload(self, name: str) -> None:
         if name in self._loaded:
+            for handle in self._gate_hooks.pop(name, []):
+                handle.remove()
             self._peft.delete_adapter(name)
             del self._loaded[name]
+            self.router.remove(name)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active (none: the base model's exact forward)."""
@@ -137,11 +226,8 @@ class Editor:
         """Run a block with exactly `patches` active (None: those applied now)."""
         names = list(self._applied) if patches is None else [
             self._load(self._as_patch(p)) for p in patches]
-        self._activate(names)
-        try:
-            yield self._runner()
-        finally:
-            self._activate(self._applied)
+        with self.using_names(names) as model:
+            yield model
 
     def _as_patch(self, patch: Patch | str | Path) -> Patch:
         if isinstance(patch, Patch):
@@ -230,6 +316,11 @@ class Editor:
             adapter_cfg = module.adapter_config(self.model, cfg)
             self._add_adapter(patch_id, adapter_cfg)
         try:
+            keys = None
+            if getattr(cfg, "route", False):
+                keys = self._keys_for(requests, cfg.route_layer)
+                if into is not None and keys is not None:
+                    keys = _merge_keys(into.keys, keys)
             self._activate([patch_id], trainable=True)
             started = time.perf_counter()
             result = module.train(self.model, self.tokenizer, requests, cfg,
@@ -264,14 +355,22 @@ class Editor:
             trainable_fraction=round(n_params / self.base_params, 6),
             peak_rss_mb=peak_rss_mb(),
         )
+        if keys is not None:
+            manifest["router"] = {
+                "layer": cfg.route_layer, "threshold": cfg.route_threshold, "keys": len(keys["keys"]),
+                "facts": sorted({fact_of(r) for r in requests} | set(
+                    (previous.get("router") or {}).get("facts", []))),
+            }
         if into is not None:
             manifest["edits"] = previous.get("edits", 1) + 1
-            into.manifest, into.weights = manifest, weights
+            into.manifest, into.weights, into.keys = manifest, weights, keys
             patch = into
         else:
             patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg,
-                          weights=weights)
+                          weights=weights, keys=keys)
         self._loaded[patch_id] = patch
+        self.router.remove(patch_id)
+        self._register_keys(patch)
         if patch_id not in self._applied:
             self._applied.append(patch_id)
         self._activate(self._applied)
@@ -282,6 +381,30 @@ class Editor:
                 self.store.save(patch)
             log.info("saved patch %s to %s", patch_id, patch.path)
         return patch
+
+    def edit_sequential(self, requests: EditRequest | Sequence[EditRequest],
+                        method: str = "lora-sft", *, group: int = 1, **kwargs: Any) -> list[Patch]:
+        """Edit `requests` one after another, one patch per `group` requests, each saved in
+        the store and left applied; no patch ever changes another. With routing (the
+        default), each query is answered with only the patches whose keys it matches."""
+        requests = _as_requests(requests)
+        if group < 1:
+            raise KnowpatchError(f"group: must be ≥ 1 (got {group})")
+        return [self.edit(requests[i:i + group], method, **kwargs)
+                for i in range(0, len(requests), group)]
+
+    def superseded(self) -> dict[str, str]:
+        """Loaded patches whose every fact a newer loaded patch rewrites: {old: new}."""
+        return self.router.superseded()
+
+    def _keys_for(self, requests: list[EditRequest], layer: int) -> dict[str, torch.Tensor] | None:
+        """Router keys from the base model (every adapter off)."""
+        self._activate([])
+        keys = compute_keys(self.model, self.tokenizer, requests, layer)
+        if keys is None:
+            log.warning("no router keys: a request has no subject found in its prompt; the "
+                        "patch will be active for every query")
+        return keys
 
     @contextlib.contextmanager
     def _base_only(self, training: list[str]) -> Iterator[Any]:
@@ -294,12 +417,28 @@ class Editor:
 
     @contextlib.contextmanager
     def using_names(self, names: Sequence[str]) -> Iterator[Any]:
-        self._activate(list(names))
+        """Run a block with adapters `names` active; with routing on, each batch the block
+        runs is routed among them (keyed patches fire per row; unkeyed ones always)."""
+        names = list(names)
+        self._activate(names)
+        routed = self.routing and any(n in self.router for n in names)
+        self._route_candidates = names if routed else None
         try:
             yield self._runner()
         finally:
+            self._route_candidates = None
+            self._gates = {}
             self._activate(self._applied)
 
+
+
+def _merge_keys(old: dict[str, torch.Tensor] | None,
+                new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if old is None:
+        return new
+    offset = int(old["variant"].max()) + 1 if len(old["variant"]) else 0
+    return {"keys": torch.cat([old["keys"], new["keys"]]),
+            "variant": torch.cat([old["variant"], new["variant"] + offset])}
 
 
 def _asdict(config: Any) -> dict[str, Any]:

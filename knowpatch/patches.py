@@ -7,6 +7,7 @@ On disk:
                                     config, requests, scores, steps, seconds, ...)
         adapter_config.json         standard PEFT files: `PeftModel.from_pretrained`
         adapter_model.safetensors   loads the folder as it is
+        router_keys.safetensors     the router's keys (optional; see `router`)
 
 Nothing is pickled. `PatchStore.save` writes into a hidden temporary folder beside the
 target and renames it into place, so a crash never leaves half a patch.
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ROUTER_KEYS = "router_keys.safetensors"
 
 
 def new_patch_id(hint: str = "") -> str:
@@ -50,6 +52,13 @@ class Patch:
     adapter_config: Any  # peft.LoraConfig
     weights: dict[str, torch.Tensor] = field(repr=False)
     path: Path | None = None
+    keys: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """Router keys (see `router`); None: the patch is active for every query."""
+
+    @property
+    def routing(self) -> dict[str, Any] | None:
+        """The router settings of the manifest (layer, threshold, facts) when keyed."""
+        return self.manifest.get("router") if self.keys is not None else None
 
     @property
     def scores(self) -> dict[str, float | None]:
@@ -84,6 +93,9 @@ class Patch:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.weights.items()},
                       str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             self.adapter_config.save_pretrained(str(tmp))
+            if self.keys is not None:
+                save_file({k: v.contiguous().cpu() for k, v in self.keys.items()},
+                          str(tmp / ROUTER_KEYS))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False))
             if folder.exists():  # overwrite: move the old one aside first, drop it after
                 old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:6]}")
@@ -130,10 +142,13 @@ class Patch:
         try:
             config = LoraConfig.from_pretrained(str(folder))
             weights = load_file(str(folder / ADAPTER_WEIGHTS))
+            keys = load_file(str(folder / ROUTER_KEYS)) if (folder / ROUTER_KEYS).is_file() else None
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt patch
             raise KnowpatchError(f"patch: {folder} has a corrupt adapter ({exc})") from None
+        if keys is not None and (set(keys) != {"keys", "variant"} or "router" not in manifest):
+            raise KnowpatchError(f"patch: {folder} has corrupt router keys")
         return cls(id=manifest["id"], manifest=manifest, adapter_config=config,
-                   weights=weights, path=folder)
+                   weights=weights, path=folder, keys=keys)
 
 
 class PatchStore:

@@ -64,6 +64,13 @@ class Config:
     """Penalty on any rise of the new target's first-token log-prob on the anchor prompts."""
     append_eos: bool = False
     """Train an end-of-sequence token after the target."""
+    route: bool = True
+    """Give the patch router keys (its subjects' early hidden states, see `router`), so
+    that it acts only on queries about its subjects; False: it acts on every query."""
+    route_layer: int = 1
+    """Decoder layer whose output the router keys are read at."""
+    route_threshold: float = 0.65
+    """A query fires the patch when each subject token matches it at least this well (cos)."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
     max_seconds: float | None = None
@@ -78,6 +85,10 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.route_layer < 1:
+            raise ValueError(f"route_layer must be ≥ 1, got {self.route_layer}")
+        if not -1 <= self.route_threshold <= 1:
+            raise ValueError(f"route_threshold must be in [-1, 1], got {self.route_threshold}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
         if self.prefix_source not in ("fixed", "model"):

@@ -1,0 +1,265 @@
+"""The router: which patches a query concerns.
+
+Each patch carries keys computed when it is made, from its own edit requests only (never
+from a benchmark's paraphrase or neighbourhood prompts): for every request, the base
+model's hidden states at an early decoder layer (default: the output of layer 1) at each
+token of the request's *subject*, read in the edit prompt. A query fires a patch when
+every subject token finds a close match somewhere in the query:
+
+    score(query, patch) = max over key variants  min over subject tokens
+                          max over query positions  cos(h_query[pos], key[token])
+
+and `score >= threshold`. Why this signal (measured on SmolLM2, 60 CounterFact records,
+see the README's router section): a key read at the prompt's *last* token cannot tell a
+paraphrase from a neighbour (same template, other subject; AUC ≈ 0.2), while the subject's
+tokens at layer 1 do (AUC 0.999 paraphrase vs neighbour); taking the minimum over all
+subject tokens keeps "The language of Keoma" from firing the patch of "Mandailing
+language", which a last-subject-token key fires at cos 0.96.
+
+The keys are hidden states of the unedited model, so routing runs the base model's first
+`layer` blocks only (a few percent of a forward pass) with every adapter off. A `<bos>`
+token is put before every text (keys and queries alike) so that the first real token is
+not the attention sink, whose hidden state looks alike for every text.
+
+Written by hand: PEFT selects adapters per batch row (`adapter_names`) but one adapter per
+row, and has no notion of matching a query against stored keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import decoder_layers
+
+
+class _Stop(Exception):
+    """Raised by a layer hook to end a forward pass once the needed layer has run."""
+
+
+@torch.no_grad()
+def hidden_rows(model, rows: list[list[int]], layer: int, bos: int | None,
+                batch_size: int = 64) -> list[torch.Tensor]:
+    """The output of decoder block `layer - 1` (i.e. `hidden_states[layer]`) for each row of
+    token ids (no padding), as float32 tensors of shape (tokens, hidden): only the first
+    `layer` blocks run. `bos` (if not None) is put before each row that does not start with
+    it, and is left out of the result.
+    """
+    _, blocks = decoder_layers(model)
+    if not 1 <= layer <= len(blocks):
+        raise ValueError(f"router layer must be in 1..{len(blocks)}, got {layer}")
+    device = next(model.parameters()).device
+    prefix = [] if bos is None else [bos]
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handle = blocks[layer - 1].register_forward_hook(grab)
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [list(rows[i]) if list(rows[i][:1]) == prefix else prefix + list(rows[i])
+                    for i in chunk]
+            width = max(map(len, seqs))
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, s in enumerate(seqs):  # left padding, positions counted from the first token
+                ids[r, width - len(s):] = torch.tensor(s)
+                mask[r, width - len(s):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=pos.to(device), use_cache=False)
+            except _Stop:
+                pass
+            h = captured.pop("h").float().cpu()
+            for r, (i, s) in enumerate(zip(chunk, seqs)):
+                n = len(s) - len(prefix)  # the result leaves the <bos> out
+                out[i] = h[r, width - n:] if n else h[r, :0]
+    finally:
+        handle.remove()
+    return out  # type: ignore[return-value]
+
+
+def subject_token_span(tokenizer, text: str, subject: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the indices of the tokens that overlap `subject` (last
+    occurrence, case-sensitive; empty when the subject is not in the text)."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    start = text.rfind(subject)
+    if start < 0 or not subject:
+        return enc["input_ids"], []
+    end = start + len(subject)
+    span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return enc["input_ids"], span
+
+
+def key_texts(prompt: str, subject: str) -> list[str]:
+    """The texts a request's keys are read from: the edit prompt itself and, when the
+    prompt opens with the subject, the same prompt read mid-sentence (the subject's first
+    token is then another token, " Angola" rather than "Angola")."""
+    texts = [prompt]
+    if prompt.startswith(subject):
+        texts.append("Then " + prompt)
+    return texts
+
+
+@torch.no_grad()
+def compute_keys(model, tokenizer, requests, layer: int) -> dict[str, torch.Tensor] | None:
+    """Keys of a patch from its requests: {"keys": (n, hidden) unit vectors, "variant": (n,)
+    the key variant each row belongs to}. None when a request has no subject in its prompt
+    (such a patch cannot be routed and is active for every query)."""
+    texts, spans = [], []
+    for req in requests:
+        if not req.subject or req.subject not in req.prompt:
+            return None
+        for text in key_texts(req.prompt, req.subject):
+            ids, span = subject_token_span(tokenizer, text, req.subject)
+            if not span:
+                return None
+            texts.append(ids)
+            spans.append(span)
+    hidden = hidden_rows(model, texts, layer, tokenizer.bos_token_id)
+    keys, variant = [], []
+    for v, (h, span) in enumerate(zip(hidden, spans)):
+        keys.append(torch.nn.functional.normalize(h[span], dim=-1))
+        variant += [v] * len(span)
+    return {"keys": torch.cat(keys).contiguous(), "variant": torch.tensor(variant, dtype=torch.long)}
+
+
+@dataclass
+class Entry:
+    patch_id: str
+    keys: torch.Tensor  # (n, hidden), unit rows
+    variant: torch.Tensor  # (n,)
+    layer: int
+    threshold: float
+    facts: frozenset[str] = frozenset()
+    order: int = 0
+
+
+@dataclass
+class Route:
+    """The routing decision for one query: the patches it fires, with every score."""
+
+    fired: list[str]
+    scores: dict[str, float]
+    superseded: dict[str, str] = field(default_factory=dict)  # fired but dropped: old -> new
+
+
+def fact_of(req) -> str:
+    """What a request rewrites, for telling when a newer patch supersedes an older one."""
+    return " ".join(req.prompt.lower().split())
+
+
+class Router:
+    """Keys of many patches; routes token-id rows to the patches they concern."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self._counter = 0
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, patch_id: str) -> bool:
+        return patch_id in self.entries
+
+    def add(self, patch_id: str, keys: dict[str, torch.Tensor], layer: int, threshold: float,
+            facts: frozenset[str] = frozenset()) -> None:
+        self._counter += 1
+        self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
+                                       int(layer), float(threshold), frozenset(facts),
+                                       self._counter)
+        self._cache.clear()
+
+    def remove(self, patch_id: str) -> None:
+        if self.entries.pop(patch_id, None) is not None:
+            self._cache.clear()
+
+    def superseded(self) -> dict[str, str]:
+        """Patches every fact of which a newer patch rewrites: {old id: newest such id}."""
+        out: dict[str, str] = {}
+        entries = sorted(self.entries.values(), key=lambda e: e.order)
+        for i, old in enumerate(entries):
+            if not old.facts:
+                continue
+            newer = [e for e in entries[i + 1:] if e.facts & old.facts]
+            covered = frozenset().union(*(e.facts for e in newer)) if newer else frozenset()
+            if newer and old.facts <= covered:
+                out[old.patch_id] = newer[-1].patch_id
+        return out
+
+    def _tables(self, layer: int, candidates: tuple[str, ...]):
+        """Concatenated keys of the candidates routed at `layer` (cached until keys change)."""
+        key = hash((layer, candidates))
+        if key not in self._cache:
+            entries = [self.entries[c] for c in candidates
+                       if c in self.entries and self.entries[c].layer == layer]
+            if not entries:
+                self._cache[key] = None
+            else:
+                keys = torch.cat([e.keys for e in entries])
+                patch_of = torch.cat([torch.full((len(e.keys),), i, dtype=torch.long)
+                                      for i, e in enumerate(entries)])
+                # a global variant index per (patch, variant)
+                offsets, variant, base = [], [], 0
+                for e in entries:
+                    variant.append(e.variant + base)
+                    base += int(e.variant.max()) + 1 if len(e.variant) else 0
+                    offsets.append(base)
+                variant = torch.cat(variant)
+                variant_patch = torch.zeros(base, dtype=torch.long)
+                variant_patch[variant] = patch_of
+                self._cache[key] = (entries, keys, variant, variant_patch)
+            if len(self._cache) > 8:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def score(self, hidden: dict[int, torch.Tensor], candidates: list[str] | None = None
+              ) -> dict[str, float]:
+        """Score of every candidate patch for one query, from its hidden states per layer."""
+        candidates = tuple(self.entries if candidates is None else candidates)
+        scores: dict[str, float] = {}
+        for layer, h in hidden.items():
+            tables = self._tables(layer, candidates)
+            if tables is None or h.shape[0] == 0:
+                continue
+            entries, keys, variant, variant_patch = tables
+            h = torch.nn.functional.normalize(h.float(), dim=-1)
+            per_token = (h @ keys.T).max(0).values  # best query position for each key token
+            per_variant = torch.full((len(variant_patch),), float("inf"))
+            per_variant = per_variant.scatter_reduce(0, variant, per_token, "amin")
+            per_patch = torch.full((len(entries),), -float("inf"))
+            per_patch = per_patch.scatter_reduce(0, variant_patch, per_variant, "amax")
+            for e, s in zip(entries, per_patch.tolist()):
+                scores[e.patch_id] = s
+        return scores
+
+    def decide(self, scores: dict[str, float]) -> Route:
+        fired = [p for p, s in scores.items() if s >= self.entries[p].threshold]
+        fired.sort(key=lambda p: self.entries[p].order)
+        dropped: dict[str, str] = {}
+        for i, old in enumerate(fired):  # the newest patch rewriting a fact wins
+            for new in fired[i + 1:]:
+                if self.entries[old].facts & self.entries[new].facts:
+                    dropped[old] = new
+        return Route([p for p in fired if p not in dropped], scores, dropped)
+
+    def layers(self, candidates: list[str] | None = None) -> list[int]:
+        names = self.entries if candidates is None else [c for c in candidates if c in self.entries]
+        return sorted({self.entries[c].layer for c in names})
+
+    def route_rows(self, model, rows: list[list[int]], bos: int | None,
+                   candidates: list[str] | None = None) -> list[Route]:
+        """Route each row of token ids (no padding); `model` must be the base model."""
+        hidden: list[dict[int, torch.Tensor]] = [{} for _ in rows]
+        for layer in self.layers(candidates):
+            for r, h in enumerate(hidden_rows(model, rows, layer, bos)):
+                hidden[r][layer] = h
+        return [self.decide(self.score(h, candidates)) for h in hidden]

@@ -1,0 +1,142 @@
+"""Knowledge isolation: router keys, per-row routing, patches that do not interfere."""
+
+import pytest
+import torch
+
+from knowpatch import EditRequest, Patch
+from knowpatch.router import Router, compute_keys, hidden_rows, subject_token_span
+
+# A random model's early layers blur tokens with their context far more than a trained one's,
+# so the tiny-model tests route with a strict threshold and paraphrases that keep the prefix.
+FAST = {"lr": 3e-2, "max_steps": 60, "modules": ["all"], "layers": "all", "anchor_weight": 0.0,
+        "prefixes": 0, "route_threshold": 0.9}
+EIFFEL = EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="Eiffel Tower")
+KREMLIN = EditRequest("The Kremlin is located in the city of", "Oslo", subject="Kremlin")
+UNRELATED = "My favourite food is"
+
+
+def _logits(editor, prompts):
+    enc = editor.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    with editor.using(None) as model, torch.no_grad():
+        return model(**enc).logits[:, -1]
+
+
+def test_router_scores_by_the_worst_matched_subject_token():
+    router = Router()
+    a, b, c = torch.eye(3)
+    # patch p: two subject tokens (a, b) in one key variant
+    router.add("p", {"keys": torch.stack([a, b]), "variant": torch.tensor([0, 0])}, 1, 0.9)
+    both = {1: torch.stack([c, b, a])}  # both tokens somewhere in the query: fires
+    only_b = {1: torch.stack([c, b, c])}  # one token matches, the other does not
+    assert router.decide(router.score(both)).fired == ["p"]
+    assert router.score(both)["p"] == pytest.approx(1.0)
+    assert router.score(only_b)["p"] == pytest.approx(0.0)
+    assert router.decide(router.score(only_b)).fired == []
+
+
+def test_newer_patch_rewriting_the_same_fact_wins():
+    router = Router()
+    key = {"keys": torch.eye(2)[:1], "variant": torch.tensor([0])}
+    router.add("old", key, 1, 0.5, frozenset({"fact"}))
+    router.add("new", key, 1, 0.5, frozenset({"fact"}))
+    route = router.decide(router.score({1: torch.eye(2)}))
+    assert route.fired == ["new"] and route.superseded == {"old": "new"}
+    assert router.superseded() == {"old": "new"}
+
+
+def test_subject_span_and_keys_come_from_the_edit_prompt(tiny_editor):
+    tok = tiny_editor.tokenizer
+    ids, span = subject_token_span(tok, EIFFEL.prompt, "Eiffel Tower")
+    assert tok.decode([ids[i] for i in span]).strip() == "Eiffel Tower"
+    keys = compute_keys(tiny_editor.model, tok, [EIFFEL], layer=1)
+    assert keys["keys"].shape == (len(span), tiny_editor.model.config.hidden_size)
+    assert torch.allclose(keys["keys"].norm(dim=-1), torch.ones(len(span)))
+    # a subject missing from its prompt cannot be keyed
+    assert compute_keys(tiny_editor.model, tok, [EditRequest("Hello there", "x", subject="Zorro")],
+                        1) is None
+
+
+def test_hidden_rows_match_unbatched_rows(tiny_editor):
+    tok = tiny_editor.tokenizer
+    rows = [tok(t)["input_ids"] for t in ("a b c d e f", "Hello", "The Eiffel Tower is")]
+    batched = hidden_rows(tiny_editor.model, rows, 1, tok.bos_token_id)
+    for row, h in zip(rows, batched):
+        alone = hidden_rows(tiny_editor.model, [row], 1, tok.bos_token_id)[0]
+        assert h.shape == (len(row), 64)
+        torch.testing.assert_close(h, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_routing_picks_the_patch_of_a_stored_key_and_none_for_unrelated(tiny_editor):
+    a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
+    routes = tiny_editor.route([EIFFEL.prompt, "The Eiffel Tower stands in",
+                                KREMLIN.prompt, UNRELATED])
+    assert [r.fired for r in routes] == [[a.id], [a.id], [b.id], []]
+    assert routes[3].scores[a.id] < a.manifest["router"]["threshold"]
+
+
+def test_patches_do_not_interfere_and_rows_are_routed_apart(tiny_editor):
+    base = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt, UNRELATED])
+    a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    after_a = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt, UNRELATED])
+    tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
+    after_b = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt, UNRELATED])
+    # editing B leaves A's prompt exactly as A made it; the unrelated prompt stays the base's
+    torch.testing.assert_close(after_b[0], after_a[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_b[2], base[2], atol=1e-5, rtol=0)
+    assert not torch.allclose(after_b[1], base[1], atol=1e-3)  # B acts on its own prompt
+    # one batch, three routes: each row as if generated alone
+    together = tiny_editor.generate([EIFFEL.prompt, KREMLIN.prompt, UNRELATED], max_new_tokens=3)
+    alone = [tiny_editor.generate(p, max_new_tokens=3)[0]
+             for p in (EIFFEL.prompt, KREMLIN.prompt, UNRELATED)]
+    assert together == alone
+    assert together[0].startswith(" Rome") and together[1].startswith(" Oslo")
+    # removing A gives back the base model on A's prompt, B still acts
+    tiny_editor.remove(a)
+    after_rm = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt, UNRELATED])
+    torch.testing.assert_close(after_rm[0], base[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_rm[1], after_b[1], atol=1e-5, rtol=0)
+
+
+def test_one_query_may_fire_several_patches():
+    router = Router()
+    a, b, c = torch.eye(3)
+    router.add("p", {"keys": a[None], "variant": torch.tensor([0])}, 1, 0.9)
+    router.add("q", {"keys": b[None], "variant": torch.tensor([0])}, 1, 0.9)
+    assert router.decide(router.score({1: torch.stack([a, c, b])})).fired == ["p", "q"]
+    assert router.decide(router.score({1: c[None]})).fired == []
+
+
+def test_routing_off_applies_every_patch_to_every_query(tiny_editor):
+    base = _logits(tiny_editor, [UNRELATED])
+    tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    torch.testing.assert_close(_logits(tiny_editor, [UNRELATED]), base, atol=1e-5, rtol=0)
+    tiny_editor.routing = False
+    assert not torch.allclose(_logits(tiny_editor, [UNRELATED]), base, atol=1e-4)
+
+
+def test_unkeyed_patch_acts_everywhere(tiny_editor):
+    base = _logits(tiny_editor, [UNRELATED])
+    patch = tiny_editor.edit(EIFFEL, evaluate=False, route=False, **FAST)
+    assert patch.keys is None and "router" not in patch.manifest
+    assert not torch.allclose(_logits(tiny_editor, [UNRELATED]), base, atol=1e-4)
+
+
+def test_keys_survive_save_and_load(tiny_editor, tmp_path):
+    patch = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    loaded = Patch.load(patch.path)
+    assert torch.equal(loaded.keys["keys"], patch.keys["keys"])
+    assert loaded.routing["facts"] == ["the eiffel tower is located in the city of"]
+    tiny_editor.remove(patch)
+    tiny_editor.apply(loaded)
+    assert tiny_editor.route(EIFFEL.prompt)[0].fired == [patch.id]
+
+
+def test_edit_sequential_makes_one_patch_per_request_and_supersedes(tiny_editor):
+    again = EditRequest(EIFFEL.prompt, "Berlin", subject="Eiffel Tower")
+    patches = tiny_editor.edit_sequential([EIFFEL, KREMLIN, again], evaluate=False, **FAST)
+    assert len(patches) == 3 and len({p.id for p in patches}) == 3
+    assert all(p.path is not None and p.path.parent == tiny_editor.store.root for p in patches)
+    assert tiny_editor.superseded() == {patches[0].id: patches[2].id}
+    assert tiny_editor.generate(EIFFEL.prompt, max_new_tokens=2)[0].startswith(" Berlin")
+    assert tiny_editor.generate(KREMLIN.prompt, max_new_tokens=2)[0].startswith(" Oslo")
