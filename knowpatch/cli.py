@@ -31,7 +31,8 @@ app = typer.Typer(
     "model. Start with `knowpatch demo`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-patches_app = typer.Typer(help="List, show and remove saved patches.", no_args_is_help=True)
+patches_app = typer.Typer(help="List, show, route and remove saved patches.",
+                          no_args_is_help=True)
 app.add_typer(patches_app, name="patches")
 
 err = Console(stderr=True)
@@ -413,6 +414,68 @@ def patches_show(ref: str = typer.Argument(..., help="Patch id or folder."),
     def body():
         p = _store(store).load(ref)
         print(json.dumps(p.manifest, indent=2, ensure_ascii=False))
+    _run(body)
+
+
+@patches_app.command("route")
+def patches_route(
+    prompts: list[str] = typer.Argument(..., help="Queries to route."),
+    store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt, top: int = typer.Option(3, help="Best-scoring patches shown "
+                                                          "per query, fired or not."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Show which patches of the store each query would activate, and why: every patch's
+    router score (min over its subject tokens of the best cosine match in the query) against
+    its threshold. Patches without keys act on every query; superseded ones never fire."""
+    _setup_logging(verbose)
+
+    def body():
+        from .evaluate import prompt_ids
+        from .patches import Patch
+
+        ed = _editor(model, device, dtype, store)
+        manifests = [m for m in ed.store.list()
+                     if (m.get("base") or {}).get("fingerprint") == ed.fingerprint]
+        unkeyed, labels = [], {}
+        for m in manifests:
+            patch = Patch.load(m["path"])
+            reqs = m.get("requests") or [{}]
+            labels[patch.id] = f"{reqs[0].get('prompt', '?')} → {reqs[0].get('target_new', '?')}"
+            if patch.routing is None:
+                unkeyed.append(patch.id)
+            else:
+                ed._register_keys(patch)
+        superseded = ed.router.superseded()
+        candidates = [p for p in ed.router.entries if p not in superseded]
+        routes = ed.router.route_rows(ed.model, [prompt_ids(ed.tokenizer, p) for p in prompts],
+                                      ed.tokenizer.bos_token_id, candidates) if candidates else []
+        result = []
+        for i, prompt in enumerate(prompts):
+            route = routes[i] if routes else None
+            best = sorted((route.scores if route else {}).items(), key=lambda kv: -kv[1])[:top]
+            result.append({
+                "prompt": prompt, "fired": (route.fired if route else []) + unkeyed,
+                "scores": [{"patch": p, "score": round(sc, 4),
+                            "threshold": ed.router.entries[p].threshold, "edit": labels[p]}
+                           for p, sc in best],
+                "superseded_dropped": route.superseded if route else {},
+            })
+        if as_json:
+            print(json.dumps({"routes": result, "superseded": superseded,
+                              "always_active": unkeyed, "patches": len(manifests)}))
+            return
+        out.print(f"{len(manifests)} patches for this model in {ed.store.root} "
+                  f"({len(unkeyed)} without keys, active for every query; "
+                  f"{len(superseded)} superseded)")
+        for r in result:
+            fired = ", ".join(r["fired"]) or "none: the base model answers"
+            out.print(f"\n[bold]{escape(r['prompt'])}[/] → {escape(fired)}")
+            for sc in r["scores"]:
+                mark = "fires" if sc["score"] >= sc["threshold"] else "no"
+                out.print(f"  {sc['score']:.3f} (≥ {sc['threshold']:.2f}? {mark})  {sc['patch']}  "
+                          f"{escape(sc['edit'])}", highlight=False)
     _run(body)
 
 

@@ -107,3 +107,19 @@ def test_edit_requests_file_trains_one_patch(tiny_dir, tmp_path):
     assert len(manifest["requests"]) == n_lines > 1
     res = run("edit", "--model", tiny_dir, "--store", tmp_path, "-p", PROMPT)
     assert res.exit_code == 2 and "--target" in res.stderr
+
+
+def test_patches_route_shows_which_patch_a_query_fires(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--subject", "Eiffel Tower", "--json", *FAST, "prefixes=0", "route_threshold=0.9")
+    assert res.exit_code == 0, res.stderr
+    patch_id = json.loads(res.stdout)["patch"].rstrip("/").split("/")[-1]
+    routed = run("patches", "route", "--model", tiny_dir, "--store", store, "--json",
+                 "The Eiffel Tower stands in", "My favourite food is")
+    assert routed.exit_code == 0, routed.stderr
+    data = json.loads(routed.stdout)
+    assert [r["fired"] for r in data["routes"]] == [[patch_id], []]
+    assert data["routes"][1]["scores"][0]["score"] < 0.9 <= data["routes"][0]["scores"][0]["score"]
+    text = run("patches", "route", "--model", tiny_dir, "--store", store, "My favourite food is")
+    assert "none: the base model answers" in text.stdout

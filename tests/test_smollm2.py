@@ -77,3 +77,31 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(patches) == 1
     manifest = json.loads((patches[0] / "patch.json").read_text())
     assert manifest["scores"]["rel"] == 100
+
+
+def test_five_sequential_edits_hold_together_and_spare_neighbours(smol_editor):
+    edits = [
+        EditRequest(PROMPT, "Rome", subject="Eiffel Tower"),
+        EditRequest("The capital of France is", "Lyon", subject="France"),
+        EditRequest("Barack Obama was born in", "Toronto", subject="Barack Obama"),
+        EditRequest("The Statue of Liberty is located in the city of", "Madrid",
+                    subject="Statue of Liberty"),
+        EditRequest("Mount Fuji is located in the country of", "Brazil", subject="Mount Fuji"),
+    ]
+    neighbours = [GERMANY, "The Louvre is located in the city of",
+                  "The Colosseum is located in the city of", "Donald Trump was born in"]
+    before = smol_editor.generate(neighbours, max_new_tokens=4)
+    patches = smol_editor.edit_sequential(edits, evaluate=False)
+    try:
+        after = smol_editor.generate([e.prompt for e in edits], max_new_tokens=3)
+        for e, text in zip(edits, after):
+            assert text.startswith(" " + e.target_new), (e.prompt, text)
+        assert smol_editor.generate(neighbours, max_new_tokens=4) == before
+        # a paraphrase finds its patch; a query about two edited subjects fires both
+        routes = smol_editor.route(["Where is Mount Fuji? It is in the country of",
+                                    "The Eiffel Tower and the Statue of Liberty are both"])
+        assert routes[0].fired == [patches[4].id]
+        assert sorted(routes[1].fired) == sorted([patches[0].id, patches[3].id])
+    finally:
+        for p in patches:
+            smol_editor.remove(p)
