@@ -119,8 +119,8 @@ class Bench:
 
         # the method's full settings, defaults included: a run resumed after the defaults
         # changed would mix two configurations
-        resolved = asdict(build_config(get_method(self.s.method).Config, self.s.method_config,
-                                       where=self.s.method))
+        resolved = None if self.s.method == "auto" else asdict(build_config(
+            get_method(self.s.method).Config, self.s.method_config, where=self.s.method))
         return {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
                 "model": self.editor.model_name, "fingerprint": self.editor.fingerprint,
                 "method_settings": resolved}

@@ -20,7 +20,7 @@ from rich.table import Table
 from .config import load_yaml, parse_overrides
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS
-from .methods import METHODS
+from .methods import AUTO, AUTO_FULL_SFT_FROM, METHODS
 from .models import DEFAULT_MODEL
 from .patches import PatchStore
 from .requests import EditRequest, LocalityProbe
@@ -81,7 +81,7 @@ def _editor(model: str, device: str, dtype: str | None, store: Path | None):
 def _method_config(method: str, config: Path | None, overrides: list[str] | None) -> tuple[str, dict]:
     values: dict[str, Any] = load_yaml(config) if config else {}
     method = values.pop("method", None) or method
-    if method not in METHODS:
+    if method not in METHODS and method != AUTO:
         _fail(f"method: unknown method {method!r} (available: {', '.join(METHODS)})")
     values.update(parse_overrides(overrides))
     return method, values
@@ -177,7 +177,16 @@ def edit(
                                       "would write it (Rome); the space before it is added."),
     requests: Path | None = typer.Option(None, "--requests", help="A JSONL file of requests "
                                          "(docs/data-formats.md), all trained into one patch."),
-    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}."),
+    preferences: Path | None = typer.Option(None, "--preferences", help="A JSONL file of "
+                                            '{"prompt", "chosen", "rejected"} lines: one DPO '
+                                            "patch shifting behaviour (e.g. "
+                                            "examples/preferences-formal.jsonl)."),
+    heldout: float = typer.Option(0.2, help="With --preferences: share of the pairs kept out "
+                                  "of training to measure preference accuracy before/after."),
+    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
+                               "auto (LoRA SFT for a few facts, full SFT from "
+                               f"{AUTO_FULL_SFT_FROM} facts in one patch, DPO for preference "
+                               "pairs; it says which and why)."),
     ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
     subject: str | None = typer.Option(None, help="The subject the fact is about."),
     paraphrase: list[str] | None = typer.Option(None, help="A paraphrase that should follow "
@@ -199,8 +208,50 @@ def edit(
     --neighbor "The capital of Germany is" lr=5e-3
     """
     _setup_logging(verbose)
+    if preferences is not None:
+        if prompt or target or requests:
+            _fail("--preferences excludes --prompt/--target and --requests")
+        _run(_edit_preferences, preferences, heldout, method, config, store, model, device,
+             dtype, as_json, overrides)
+        return
     _run(_edit, prompt, target, requests, method, ground_truth, subject, paraphrase, neighbor,
          config, store, model, device, dtype, as_json, overrides)
+
+
+def _edit_preferences(path, heldout, method, config, store, model, device, dtype, as_json,
+                      overrides) -> None:
+    from .config import build_config
+    from .datasets import load_preferences
+    from .methods import get_method
+
+    if method in (AUTO, "lora-sft"):  # the default method name means "not chosen"
+        method = "dpo"
+    method, values = _method_config(method, config, overrides)
+    if method != "dpo":
+        _fail(f"method: preference pairs are trained with dpo (got {method!r})")
+    if not 0 <= heldout < 1:
+        _fail(f"heldout: must be in [0, 1) (got {heldout})")
+    pairs = load_preferences(path)
+    build_config(get_method(method).Config, values, where=method)  # fail before loading
+    editor = _editor(model, device, dtype, store)
+    patch, report = editor.edit_preferences(pairs, heldout=heldout, config=values)
+    result = {k: report[k] for k in ("pref_acc_before", "pref_acc_after", "margin_before",
+                                      "margin_after", "steps", "seconds")}
+    result["patch"] = str(patch.path)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"preference edit ({report['measured_on']}: {report['pairs_heldout']} "
+                  f"pairs; trained on {report['pairs_trained']})", title_justify="left")
+    for col in ("", "preference accuracy (%)", "mean margin (nats)"):
+        table.add_column(col)
+    table.add_row("before", f"{report['pref_acc_before']:.1f}", f"{report['margin_before']:.2f}")
+    table.add_row("after", f"{report['pref_acc_after']:.1f}", f"{report['margin_after']:.2f}")
+    out.print(table)
+    for sample in report["samples"]:
+        out.print(f"[bold]{escape(sample['prompt'])}[/]\n  before: {escape(sample['before'])}"
+                  f"\n  after:  {escape(sample['after'])}", highlight=False)
+    out.print(f"{patch.steps} steps, {patch.seconds:.1f} s; patch saved to {patch.path}")
 
 
 def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphrase, neighbor,
@@ -219,7 +270,8 @@ def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphra
     from .config import build_config
     from .methods import get_method
 
-    build_config(get_method(method).Config, values, where=method)  # fail before loading
+    if method != AUTO:
+        build_config(get_method(method).Config, values, where=method)  # fail before loading
     editor = _editor(model, device, dtype, store)
     patch = editor.edit(req, method=method, config=values)
     result = {

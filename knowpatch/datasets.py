@@ -344,3 +344,48 @@ _CONVERTERS: dict[str, Callable[[dict, str], Case]] = {
     "mquake": _mquake,
     "jsonl": _jsonl,
 }
+
+
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+def load_preferences(path: str | Path) -> list[EditRequest]:
+    """Preference pairs from a JSONL file of `{"prompt", "chosen", "rejected"}` lines, as
+    requests (target_new = chosen). Errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnowpatchError(f"preferences: no file {str(path)!r}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise KnowpatchError(f"{path}: not UTF-8 text") from None
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KnowpatchError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise KnowpatchError(f"{where}: expected an object with {', '.join(PREFERENCE_KEYS)}")
+        for key in PREFERENCE_KEYS:
+            if key not in record:
+                raise KnowpatchError(f"{where}: field {key!r} is missing")
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise KnowpatchError(f"{where}: field {key!r} must be a non-empty string")
+        unknown = sorted(set(record) - set(PREFERENCE_KEYS))
+        if unknown:
+            raise KnowpatchError(f"{where}: field {unknown[0]!r} is unknown "
+                                 f"(known: {', '.join(PREFERENCE_KEYS)})")
+        if record["chosen"].strip() == record["rejected"].strip():
+            raise KnowpatchError(f"{where}: field 'rejected' is the same as 'chosen'")
+        try:
+            out.append(EditRequest(record["prompt"], record["chosen"],
+                                   rejected=record["rejected"]))
+        except KnowpatchError as exc:
+            raise KnowpatchError(f"{where}: {exc}") from None
+    if not out:
+        raise KnowpatchError(f"{path}: no preference pairs (the file is empty)")
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from .config import build_config
 from .errors import KnowpatchError
 from .evaluate import Evaluation, greedy
 from .evaluate import evaluate as run_evaluation
-from .methods import get_method
+from .methods import AUTO, choose_method, get_method
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .patches import Patch, PatchStore, make_manifest, new_patch_id
 from .requests import EditRequest, check_fits
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (accelerate / torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def default_store() -> PatchStore:
@@ -59,6 +65,7 @@ class Editor:
         self._loaded: dict[str, Patch] = {}  # adapters present in the PeftModel
         self._applied: list[str] = []  # adapters active for generate/evaluate
         self.routing = True
+        self.last_auto_choice: tuple[str, str] | None = None  # (method, why) of method="auto"
         """Route keyed patches per query (False: every applied patch acts on every query)."""
         self.router = Router()
         self.last_routes: list[Route] = []  # the routing of the last batch that was routed
@@ -66,6 +73,8 @@ class Editor:
         self._gate_hooks: dict[str, list[Any]] = {}
         self._route_candidates: list[str] | None = None
         self._routing_now = False
+        self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
+        self._deltas_on: list[str] = []  # delta patches currently added to the weights
         model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
 
     # ---- construction -------------------------------------------------------------
@@ -155,7 +164,8 @@ class Editor:
             self._routing_now = True
             self._gates = {}
             try:
-                self._activate([])
+                # adapters off; weight deltas (full SFT) cannot be switched per query and stay
+                self._activate_lora([])
                 routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id, keyed)
             finally:
                 self._routing_now = False
@@ -190,6 +200,9 @@ class Editor:
                 f"{self.fingerprint} ({self.model_name}); refusing to apply it")
         if patch.id in self._loaded:
             return patch.id
+        if patch.kind == "delta":
+            self._load_delta(patch)
+            return patch.id
         self._add_adapter(patch.id, patch.adapter_config)
         result = set_peft_model_state_dict(self._peft, patch.weights, adapter_name=patch.id)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -200,7 +213,49 @@ class Editor:
         self._register_keys(patch)
         return patch.id
 
+    def _load_delta(self, patch: Patch) -> None:
+        from .methods.full_sft import canonical_parameters
+
+        params = canonical_parameters(self.model)
+        for name, delta in patch.weights.items():
+            if name not in params or params[name].shape != delta.shape:
+                raise KnowpatchError(f"patch {patch.id}: delta {name!r} does not fit this model")
+        for name in patch.weights:
+            if name not in self._originals:
+                self._originals[name] = params[name].detach().clone()
+        self._loaded[patch.id] = patch
+
+    @torch.no_grad()
+    def _set_deltas(self, names: list[str]) -> None:
+        """Make the weights the originals plus exactly the deltas of patches `names`.
+        A weight no applied delta touches is copied back from its kept original, so removing
+        every delta gives the base weights bit for bit."""
+        if names == self._deltas_on:
+            return
+        from .methods.full_sft import canonical_parameters
+
+        params = canonical_parameters(self.model)
+        touched = {n for d in set(names) | set(self._deltas_on) for n in self._loaded[d].weights}
+        for n in touched:
+            original = self._originals[n]
+            parts = [self._loaded[d].weights[n] for d in names if n in self._loaded[d].weights]
+            if parts:
+                total = original.float() + sum(p.to(original.device).float() for p in parts)
+                params[n].copy_(total.to(original.dtype))
+            else:
+                params[n].copy_(original)
+        self._deltas_on = list(names)
+
     def _unload(self, name: str) -> None:
+        patch = self._loaded.get(name)
+        if patch is not None and patch.kind == "delta":
+            self._set_deltas([d for d in self._deltas_on if d != name])
+            del self._loaded[name]
+            still = {n for p in self._loaded.values() if p.kind == "delta" for n in p.weights}
+            for n in list(self._originals):
+                if n not in still:
+                    del self._originals[n]
+            return
         if name in self._loaded:
             for handle in self._gate_hooks.pop(name, []):
                 handle.remove()
@@ -210,6 +265,11 @@ class Editor:
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active (none: the base model's exact forward)."""
+        deltas = [n for n in names if n in self._loaded and self._loaded[n].kind == "delta"]
+        self._set_deltas(deltas)
+        self._activate_lora([n for n in names if n not in deltas], trainable)
+
+    def _activate_lora(self, names: Sequence[str], trainable: bool = False) -> None:
         if self._peft is None:
             if names:
                 raise RuntimeError("no adapters loaded")
@@ -278,7 +338,8 @@ class Editor:
     # ---- edit -------------------------------------------------------------------------
     def edit(self, requests: EditRequest | Sequence[EditRequest], method: str = "lora-sft", *,
              config: dict[str, Any] | Any | None = None, save: bool = True,
-             evaluate: bool = True, into: Patch | None = None, **overrides: Any) -> Patch:
+             evaluate: bool = True, into: Patch | None = None,
+             train_options: dict[str, Any] | None = None, **overrides: Any) -> Patch:
         """Train one patch for `requests`, score it against the baseline, save it, apply it.
 
         `config` is a method config (or a mapping); `overrides` are its keys, e.g. `lr=1e-3`.
@@ -294,6 +355,11 @@ class Editor:
                 if len(requests) == 1:
                     raise
                 raise KnowpatchError(f"request {i}: {exc}") from None
+        auto_why = None
+        if method == AUTO:
+            method, auto_why = choose_method(len(requests), bool((train_options or {}).get("pairs")))
+            log.warning("method auto: chose %s (%s)", method, auto_why)
+            self.last_auto_choice = (method, auto_why)
         module = get_method(method)
         if config is None or isinstance(config, dict):
             cfg = build_config(module.Config, config, overrides, where=method)
@@ -305,6 +371,62 @@ class Editor:
             with self.using([]) as base:
                 baseline = run_evaluation(base, self.tokenizer, requests)
 
+        kind = module.kind(cfg) if hasattr(module, "kind") else "lora"
+        if kind == "delta":
+            patch_id, adapter_cfg, weights, result, seconds, keys = self._train_delta(
+                module, requests, cfg, into, train_options or {})
+        else:
+            patch_id, adapter_cfg, weights, result, seconds, keys = self._train_lora(
+                module, requests, cfg, into, train_options or {})
+
+        edited = None
+        if baseline is not None:
+            with self.using_names([patch_id]) as model:
+                edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
+        n_params = sum(v.numel() for v in weights.values())
+        previous = into.manifest if into is not None else {}
+        manifest = make_manifest(
+            patch_id=patch_id, base=self.base_info, method=method, config=_asdict(cfg), kind=kind,
+            requests=previous.get("requests", []) + [r.to_dict() for r in requests],
+            scores=edited.summary if edited else None,
+            baseline=baseline.summary if baseline else None,
+            samples={"before": baseline.samples, "after": edited.samples} if edited else None,
+            steps=result.steps, learnt=result.learnt, seconds=round(seconds, 3),
+            trainable_params=n_params,
+            trainable_fraction=round(n_params / self.base_params, 6),
+            peak_rss_mb=peak_rss_mb(), **result.extra,
+        )
+        if auto_why is not None:
+            manifest["chosen_by"] = f"auto: {auto_why}"
+        if keys is not None:
+            manifest["router"] = {
+                "layer": cfg.route_layer, "threshold": cfg.route_threshold, "keys": len(keys["keys"]),
+                "facts": sorted({fact_of(r) for r in requests} | set(
+                    (previous.get("router") or {}).get("facts", []))),
+            }
+        if into is not None:
+            manifest["edits"] = previous.get("edits", 1) + 1
+            into.manifest, into.weights, into.keys = manifest, weights, keys
+            patch = into
+        else:
+            patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg,
+                          weights=weights, keys=keys)
+        self._loaded[patch_id] = patch
+        self.router.remove(patch_id)
+        self._register_keys(patch)
+        if patch_id not in self._applied:
+            self._applied.append(patch_id)
+        self._activate(self._applied)
+        if save and is_main_process():  # under accelerate launch, one process writes
+            if patch.path is not None:
+                patch.save(patch.path, overwrite=True)
+            else:
+                self.store.save(patch)
+            log.info("saved patch %s to %s", patch_id, patch.path)
+        return patch
+
+    def _train_lora(self, module, requests: list[EditRequest], cfg, into: Patch | None,
+                    options: dict[str, Any]):
         if into is not None:
             patch_id = into.id
             if patch_id not in self._loaded:
@@ -325,7 +447,7 @@ class Editor:
             started = time.perf_counter()
             result = module.train(self.model, self.tokenizer, requests, cfg,
                                   base=lambda: self._base_only([patch_id]),
-                                  progress=self.progress)
+                                  progress=self.progress, **options)
             seconds = time.perf_counter() - started
             self._activate([patch_id])
             from peft import get_peft_model_state_dict
@@ -334,53 +456,97 @@ class Editor:
                        get_peft_model_state_dict(self._peft, adapter_name=patch_id).items()}
         except BaseException:
             if into is None:
-                self._peft.delete_adapter(patch_id)
+                self._unload_adapter(patch_id)
             self._activate(self._applied)
             raise
+        return patch_id, adapter_cfg, weights, result, seconds, keys
 
-        edited = None
-        if baseline is not None:
-            with self.using_names([patch_id]) as model:
-                edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
-        n_params = sum(v.numel() for v in weights.values())
-        previous = into.manifest if into is not None else {}
-        manifest = make_manifest(
-            patch_id=patch_id, base=self.base_info, method=method, config=_asdict(cfg),
-            requests=previous.get("requests", []) + [r.to_dict() for r in requests],
-            scores=edited.summary if edited else None,
-            baseline=baseline.summary if baseline else None,
-            samples={"before": baseline.samples, "after": edited.samples} if edited else None,
-            steps=result.steps, learnt=result.learnt, seconds=round(seconds, 3),
-            trainable_params=n_params,
-            trainable_fraction=round(n_params / self.base_params, 6),
-            peak_rss_mb=peak_rss_mb(),
-        )
-        if keys is not None:
-            manifest["router"] = {
-                "layer": cfg.route_layer, "threshold": cfg.route_threshold, "keys": len(keys["keys"]),
-                "facts": sorted({fact_of(r) for r in requests} | set(
-                    (previous.get("router") or {}).get("facts", []))),
-            }
+    def _train_delta(self, module, requests: list[EditRequest], cfg, into: Patch | None,
+                     options: dict[str, Any]):
+        """Full-parameter training from the base weights; the patch is the delta."""
         if into is not None:
-            manifest["edits"] = previous.get("edits", 1) + 1
-            into.manifest, into.weights, into.keys = manifest, weights, keys
-            patch = into
-        else:
-            patch = Patch(id=patch_id, manifest=manifest, adapter_config=adapter_cfg,
-                          weights=weights, keys=keys)
-        self._loaded[patch_id] = patch
-        self.router.remove(patch_id)
-        self._register_keys(patch)
-        if patch_id not in self._applied:
-            self._applied.append(patch_id)
-        self._activate(self._applied)
-        if save:
-            if patch.path is not None:
-                patch.save(patch.path, overwrite=True)
-            else:
-                self.store.save(patch)
-            log.info("saved patch %s to %s", patch_id, patch.path)
-        return patch
+            raise KnowpatchError("into: only LoRA patches can be trained on further (the "
+                                 "shared strategy); full-parameter patches are deltas")
+        patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
+        torch.manual_seed(cfg.seed)
+        self._activate([])  # base weights, adapters off: the delta is taken from the base
+        started = time.perf_counter()
+        try:
+            result, weights = module.train(self.model, self.tokenizer, requests, cfg,
+                                           base=lambda: contextlib.nullcontext(self.model),
+                                           progress=self.progress, **options)
+        finally:
+            self._activate(self._applied)
+        seconds = time.perf_counter() - started
+        self._load_delta(Patch(id=patch_id, manifest={"kind": "delta"}, adapter_config=None,
+                               weights=weights))
+        return patch_id, None, weights, result, seconds, None
+
+    def _unload_adapter(self, name: str) -> None:
+        for handle in self._gate_hooks.pop(name, []):
+            handle.remove()
+        self._peft.delete_adapter(name)
+
+    def edit_preferences(self, pairs: Sequence[EditRequest], *, heldout: float = 0.2,
+                         method: str = "dpo", seed: int = 0, save: bool = True,
+                         samples: int = 3, **overrides: Any) -> tuple[Patch, dict[str, Any]]:
+        """A behaviour edit: one DPO patch over preference pairs (requests whose target_new is
+        the chosen answer and whose `rejected` is set). A `heldout` share of the pairs (seeded
+        shuffle) is kept out of training and measured before and after: preference accuracy
+        (log P(chosen) > log P(rejected), summed over the answer tokens), the mean margin
+        log P(chosen) − log P(rejected) in nats, and a few greedy generations.
+
+        Returns (patch, report); the report is also in the manifest under "preference".
+        """
+        import random
+
+        pairs = _as_requests(pairs)
+        for i, p in enumerate(pairs):
+            if not p.rejected:
+                raise KnowpatchError(f"pair {i}: field 'rejected' is missing")
+        if not 0 <= heldout < 1:
+            raise KnowpatchError(f"heldout: must be in [0, 1) (got {heldout})")
+        if method == AUTO:
+            method, why = choose_method(len(pairs), preferences=True)
+            log.warning("method auto: chose %s (%s)", method, why)
+        if method != "dpo":
+            raise KnowpatchError(f"method: preference pairs are trained with dpo (got {method!r})")
+        order = list(range(len(pairs)))
+        random.Random(seed).shuffle(order)
+        n_held = round(heldout * len(pairs)) if len(pairs) > 1 else 0
+        held = [pairs[i] for i in order[:n_held]]
+        train_set = [pairs[i] for i in order[n_held:]]
+        probe = held or train_set  # nothing held out: measured on the training pairs
+
+        def measure(patches) -> tuple[float, float, list[str]]:
+            from .evaluate import teacher_forced
+
+            with self.using(patches) as model:
+                chosen = teacher_forced(model, self.tokenizer, [(p.prompt, p.target_new) for p in probe])
+                rejected = teacher_forced(model, self.tokenizer, [(p.prompt, p.rejected) for p in probe])
+                gens = greedy(model, self.tokenizer, [p.prompt for p in probe[:samples]], 30)
+            margins = [c.logprob - r.logprob for c, r in zip(chosen, rejected)]
+            acc = 100.0 * sum(m > 0 for m in margins) / len(margins)
+            texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+            return round(acc, 2), round(sum(margins) / len(margins), 4), texts
+
+        acc0, margin0, gen0 = measure([])
+        overrides.setdefault("route", False)  # a behaviour has no subject to route by
+        patch = self.edit(train_set, method, save=False, evaluate=False,
+                          train_options={"pairs": True}, **overrides)
+        acc1, margin1, gen1 = measure([patch])
+        report = {
+            "pref_acc_before": acc0, "pref_acc_after": acc1, "margin_before": margin0,
+            "margin_after": margin1, "steps": patch.steps, "seconds": patch.seconds,
+            "pairs_trained": len(train_set), "pairs_heldout": len(held),
+            "measured_on": "heldout" if held else "training pairs (heldout=0)",
+            "samples": [{"prompt": p.prompt, "before": b, "after": a}
+                        for p, b, a in zip(probe, gen0, gen1)],
+        }
+        patch.manifest["preference"] = report
+        if save and is_main_process():
+            self.store.save(patch)
+        return patch, report
 
     def edit_sequential(self, requests: EditRequest | Sequence[EditRequest],
                         method: str = "lora-sft", *, group: int = 1, **kwargs: Any) -> list[Patch]:

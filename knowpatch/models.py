@@ -60,7 +60,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # under `accelerate launch` / torchrun each process takes its own GPU
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         return torch.device("cpu")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise KnowpatchError(f"device: unknown value {device!r} (expected auto, cpu, cuda or cuda:N)")

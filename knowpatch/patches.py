@@ -9,6 +9,9 @@ On disk:
         adapter_model.safetensors   loads the folder as it is
         router_keys.safetensors     the router's keys (optional; see `router`)
 
+or, for full-parameter patches (`"kind": "delta"` in patch.json), `delta.safetensors`: the
+changed tensors' deltas by parameter name (no adapter files).
+
 Nothing is pickled. `PatchStore.save` writes into a hidden temporary folder beside the
 target and renames it into place, so a crash never leaves half a patch.
 """
@@ -16,6 +19,7 @@ target and renames it into place, so a crash never leaves half a patch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,11 +34,14 @@ import torch
 
 from .errors import KnowpatchError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ROUTER_KEYS = "router_keys.safetensors"
+DELTA_WEIGHTS = "delta.safetensors"
 
 
 def new_patch_id(hint: str = "") -> str:
@@ -49,11 +56,16 @@ class Patch:
 
     id: str
     manifest: dict[str, Any]
-    adapter_config: Any  # peft.LoraConfig
+    adapter_config: Any  # peft.LoraConfig (None for a delta patch)
     weights: dict[str, torch.Tensor] = field(repr=False)
     path: Path | None = None
     keys: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """Router keys (see `router`); None: the patch is active for every query."""
+
+    @property
+    def kind(self) -> str:
+        """lora (a PEFT adapter) or delta (weight deltas of full-parameter training)."""
+        return self.manifest.get("kind", "lora")
 
     @property
     def routing(self) -> dict[str, Any] | None:
@@ -90,9 +102,15 @@ class Patch:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.weights.items()},
-                      str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            self.adapter_config.save_pretrained(str(tmp))
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.weights.items()}
+            if self.kind == "delta":
+                size = sum(v.numel() * v.element_size() for v in tensors.values())
+                if size > 100e6:
+                    log.warning("writing a %.0f MB weight delta to %s", size / 1e6, folder)
+                save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt"})
+            else:
+                save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+                self.adapter_config.save_pretrained(str(tmp))
             if self.keys is not None:
                 save_file({k: v.contiguous().cpu() for k, v in self.keys.items()},
                           str(tmp / ROUTER_KEYS))
@@ -136,12 +154,13 @@ class Patch:
                 f"knowpatch reads up to {FORMAT_VERSION}: upgrade knowpatch")
         if not isinstance(manifest["base"], dict) or "fingerprint" not in manifest["base"]:
             raise KnowpatchError(f"patch: {manifest_path} is corrupt (no base.fingerprint)")
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        delta = manifest.get("kind") == "delta"
+        for name in (DELTA_WEIGHTS,) if delta else (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             if not (folder / name).is_file():
                 raise KnowpatchError(f"patch: {folder} has no {name}")
         try:
-            config = LoraConfig.from_pretrained(str(folder))
-            weights = load_file(str(folder / ADAPTER_WEIGHTS))
+            config = None if delta else LoraConfig.from_pretrained(str(folder))
+            weights = load_file(str(folder / (DELTA_WEIGHTS if delta else ADAPTER_WEIGHTS)))
             keys = load_file(str(folder / ROUTER_KEYS)) if (folder / ROUTER_KEYS).is_file() else None
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt patch
             raise KnowpatchError(f"patch: {folder} has a corrupt adapter ({exc})") from None

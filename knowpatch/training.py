@@ -33,6 +33,8 @@ class LoopResult:
     learnt: bool
     seconds: float
     losses: list[float]
+    extra: dict = field(default_factory=dict)
+    """What a method records in the patch manifest besides (e.g. DPO's rejected answers)."""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class LoopSettings:
     grad_clip: float | None = 1.0
     progress: bool = True
     description: str = "editing"
+    after_step: Callable[[], None] | None = None
+    """Called after each optimizer update (e.g. to project weights back into a norm bound)."""
 
 
 def run_loop(
@@ -75,8 +79,8 @@ def run_loop(
         task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
         while True:
             out = step(prepared)
-            losses.append(float(out.loss.detach()))
-            learnt = out.learnt
+            loss_value, learnt = _agree(accelerator, out.loss.detach(), out.learnt)
+            losses.append(loss_value)
             if progress:
                 progress.update(task, completed=steps, description=(
                     f"{settings.description} loss {losses[-1]:.3f}"))
@@ -91,6 +95,8 @@ def run_loop(
             if settings.grad_clip:
                 accelerator.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
+            if settings.after_step is not None:
+                settings.after_step()
             steps += 1
     finally:
         if progress:
@@ -99,6 +105,17 @@ def run_loop(
         accelerator.free_memory()
     return LoopResult(steps=steps, learnt=learnt, seconds=time.perf_counter() - start,
                       losses=losses)
+
+
+def _agree(accelerator: Accelerator, loss: torch.Tensor, learnt: bool) -> tuple[float, bool]:
+    """The mean loss over processes, and learnt only when every process's share is learnt
+    (so that all processes stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return float(loss), bool(learnt)
+    both = torch.stack([loss.float().reshape(()), torch.tensor(float(not learnt),
+                                                                device=loss.device)])
+    total = accelerator.reduce(both, reduction="sum")
+    return float(total[0]) / accelerator.num_processes, bool(total[1] == 0)
 
 
 def _on_gpu(model: torch.nn.Module) -> bool:
@@ -112,11 +129,19 @@ def _progress(settings: LoopSettings, accelerator: Accelerator):
     if not settings.progress or not accelerator.is_main_process:
         return None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("steps (ceiling)"), TimeElapsedColumn(),
+        TextColumn("steps (ceiling)"), TimeElapsedColumn(), TextColumn("≤"),
+        TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
     )
     progress.start()

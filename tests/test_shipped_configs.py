@@ -21,3 +21,17 @@ def test_shipped_config_matches_defaults(path):
     module = get_method(values.pop("method"))
     assert build_config(module.Config, values) == module.Config()
     assert set(values) == {f.name for f in dataclasses.fields(module.Config)}
+
+
+ACCELERATE = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    values = load_yaml(path)
+    assert values["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+    assert values["num_processes"] >= 2
+
+
+def test_all_four_accelerate_setups_are_shipped():
+    assert {p.stem for p in ACCELERATE} == {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}

@@ -1,0 +1,245 @@
+"""DPO: the new answer preferred over the old one, or behaviour from preference pairs.
+
+For a fact edit, chosen = `target_new` and rejected = the request's `rejected` when given,
+else its `ground_truth`, else the base model's own greedy answer before the edit (recorded
+in the patch manifest). For behaviour edits, each request is a (prompt, chosen, rejected)
+pair (`knowpatch edit --preferences`).
+
+Losses on h = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)), log-probabilities
+summed over the completion tokens only:
+    sigmoid  −log σ(β h)                 (Rafailov et al. 2023)
+    ipo      (h − 1/(2β))²               (Azar et al. 2023)
+    hinge    max(0, 1 − β h)             (SLiC, Zhao et al. 2023)
+plus `alpha` × the SFT loss on the chosen tokens. The reference is the base model: with
+LoRA, the adapter disabled; with full training, log-probs computed once before training.
+In both cases they are computed once, before the first step (the reference never
+changes), so no second copy of the model is held.
+
+Written by hand rather than with TRL's DPOTrainer: an edit is a handful of steps on a few
+sequences, stopped as soon as learnt, inside knowpatch's own loop and patch format; the
+trainer's dataset/collator/reference-model machinery costs more than the edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..requests import EditRequest, encode_completion
+from ..training import LoopResult, LoopSettings, StepOutput, run_loop
+from . import full_sft
+from .common import IGNORE, Example, collate, sampled_prefixes, target_loss
+
+NAME = "dpo"
+LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class Config:
+    """DPO settings; the defaults are tuned on the embedded SmolLM2."""
+
+    loss: str = "sigmoid"
+    """sigmoid (DPO), ipo or hinge."""
+    beta: float = 0.1
+    """Strength of the preference (inverse temperature on the log-ratio margin)."""
+    alpha: float = 1.0
+    """Weight of an SFT (cross-entropy) term on the chosen answer (0: pure preference)."""
+    train: str = "lora"
+    """lora (an adapter; reference = adapter off) or full (weights; patch = delta)."""
+    rank: int = 8
+    """LoRA rank (train=lora)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (train=lora)."""
+    modules: list[str] = field(default_factory=lambda: ["mlp_out"])
+    """Roles (attn, mlp_in, mlp_out, all) or module names; with train=full, * for all."""
+    layers: str = "0%-30%"
+    """Decoder layers trained."""
+    lr: float = 5e-3
+    """AdamW learning rate (use ~1e-5 with train=full, modules=*)."""
+    max_steps: int = 40
+    """Ceiling on optimizer steps."""
+    margin: float = 3.0
+    """Fact edits: learnt once every chosen token beats the runner-up logit by this much."""
+    pref_margin: float = 2.0
+    """Preference pairs: learnt once β·h ≥ this for every training pair."""
+    prefixes: int = 4
+    """Also train each pair after this many prefixes (fact edits)."""
+    prefix_source: str = "model"
+    """fixed or model (sampled from the base model, seeded)."""
+    norm_bound: float | None = None
+    """train=full: keep every trained weight within ±norm_bound of its original."""
+    delta_dtype: str = "float32"
+    """train=full: how the delta is stored (float32 or bfloat16)."""
+    route: bool = True
+    """train=lora: router keys from each request's subject (see `router`)."""
+    route_layer: int = 1
+    route_threshold: float = 0.65
+    seed: int = 0
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.train not in ("lora", "full"):
+            raise ValueError(f"train must be lora or full, got {self.train!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be ≥ 0, got {self.alpha}")
+        for name in ("rank", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.norm_bound is not None and self.norm_bound <= 0:
+            raise ValueError(f"norm_bound must be > 0 (or null for none), got {self.norm_bound}")
+        if self.prefix_source not in ("fixed", "model"):
+            raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
+        if not self.modules:
+            raise ValueError("modules must name at least one role or module")
+
+
+def kind(config: Config) -> str:
+    return "delta" if config.train == "full" else "lora"
+
+
+def adapter_config(model, config: Config):
+    from peft import LoraConfig
+
+    from ..models import linear_modules, parse_layers
+
+    n_layers = getattr(model.config, "num_hidden_layers", None) or 0
+    targets = linear_modules(model, config.modules, parse_layers(config.layers, n_layers))
+    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *, loss: str,
+                    beta: float) -> torch.Tensor:
+    """Per-pair loss from summed completion log-probs (each a tensor of shape (pairs,))."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of the labelled (completion) tokens of each row; `logits[:, t]`
+    predicts `labels[:, t + 1]`, IGNORE elsewhere."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    return (logp.squeeze(-1) * mask).sum(-1)
+
+
+def _greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    from ..evaluate import greedy
+
+    ids = greedy(model, tokenizer, [prompt], max_new_tokens)[0]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for stop in ("\n", ".", ","):
+        text = text.split(stop)[0]
+    return text.strip()
+
+
+def rejected_answers(model, tokenizer, requests: list[EditRequest]) -> list[str]:
+    """The answer each request pushes down: `rejected`, else `ground_truth`, else the base
+    model's own greedy answer (`model` must run as the base)."""
+    out = []
+    for req in requests:
+        answer = req.rejected or req.ground_truth
+        if not answer:
+            answer = _greedy_answer(model, tokenizer, req.prompt)
+        if not answer or answer.strip() == req.target_new.strip():
+            answer = None  # nothing to push down: the pair degenerates to SFT on chosen
+        out.append(answer)
+    return out
+
+
+def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
+          base: Callable[[], AbstractContextManager], progress: bool = True, pairs: bool = False):
+    """Train until learnt. `pairs`: the requests are preference pairs (behaviour edits)
+    rather than fact edits. LoRA: returns the loop result; full: (result, deltas)."""
+    if config.train == "full":
+        return full_sft.train_full(model, config, lambda after_step: _train(
+            model, tokenizer, requests, config, base, progress, pairs, after_step))
+    return _train(model, tokenizer, requests, config, base, progress, pairs, None)
+
+
+def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
+           after_step) -> LoopResult:
+    from accelerate import Accelerator
+
+    device = next(model.parameters()).device
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(requests) < world:
+        raise ValueError(f"{world} processes need at least {world} requests or pairs")
+    pad = tokenizer.pad_token_id
+    with torch.no_grad(), base() as base_model:
+        rejected = rejected_answers(base_model, tokenizer, requests)
+    record = rejected
+    # data parallel: each process trains its share (gradients are averaged across processes)
+    requests, rejected = requests[rank::world], rejected[rank::world]
+    with torch.no_grad(), base() as base_model:
+        prefixes: tuple[str, ...] = ()
+        if not pairs and config.prefixes:
+            if config.prefix_source == "model":
+                prefixes = sampled_prefixes(base_model, tokenizer, config.prefixes,
+                                            seed=config.seed)
+            else:
+                from .common import PREFIXES
+
+                prefixes = PREFIXES[:config.prefixes]
+    chosen_ex, rejected_ex = [], []
+    for req, rej in zip(requests, rejected):
+        for prefix in ("",) + prefixes:
+            chosen_ex.append(Example(*encode_completion(tokenizer, prefix + req.prompt,
+                                                        req.target_new)))
+            rejected_ex.append(Example(*encode_completion(tokenizer, prefix + req.prompt, rej))
+                               if rej else None)
+    has_rej = [r is not None for r in rejected_ex]
+    batch = collate(chosen_ex + [r for r in rejected_ex if r is not None], pad, device)
+    n = len(chosen_ex)
+    rej_rows = torch.tensor([i for i, h in enumerate(has_rej) if h], dtype=torch.long,
+                            device=device)
+    with torch.no_grad(), base() as base_model:
+        ref = completion_logprobs(base_model(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).logits,
+                                  batch["labels"])
+
+    def step(model) -> StepOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = completion_logprobs(logits, batch["labels"])
+        sft, learnt, gap = target_loss(logits[:n], batch["labels"][:n], config.margin)
+        info = {"gap": gap}
+        loss = config.alpha * sft
+        if len(rej_rows):
+            pref = preference_loss(logp[rej_rows], logp[n:], ref[rej_rows], ref[n:],
+                                   loss=config.loss, beta=config.beta)
+            loss = loss + pref.mean()
+            with torch.no_grad():
+                h = (logp[rej_rows] - ref[rej_rows]) - (logp[n:] - ref[n:])
+                info["h_min"] = float(h.min())
+            if pairs:
+                learnt = bool((config.beta * h >= config.pref_margin).all())
+        return StepOutput(loss=loss, learnt=learnt, info=info)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
+                            max_seconds=config.max_seconds, progress=progress,
+                            description=f"DPO ({config.loss})", after_step=after_step)
+    result = run_loop(model, params, step, settings, accelerator=accelerator)
+    if not pairs:
+        result.extra = {"rejected": record}
+    return result

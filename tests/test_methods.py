@@ -1,0 +1,161 @@
+"""Full SFT, FT-M and DPO (tiny model), the DPO losses by hand, `method="auto"`."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from knowpatch import EditRequest, KnowpatchError, Patch
+from knowpatch.methods import AUTO_FULL_SFT_FROM, choose_method
+from knowpatch.methods.dpo import completion_logprobs, preference_loss
+from knowpatch.patches import ADAPTER_WEIGHTS, DELTA_WEIGHTS
+
+PROMPT = "The Eiffel Tower is located in the city of"
+GERMANY = "The capital of Germany is"
+FULL = {"lr": 1e-2, "max_steps": 30, "prefixes": 0, "anchor_weight": 0.0}
+
+
+def _req(**kw):
+    return EditRequest(PROMPT, "Rome", subject="Eiffel Tower", locality=[GERMANY], **kw)
+
+
+def _logits(editor, prompts=(PROMPT, GERMANY)):
+    enc = editor.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    with editor.using(None) as model, torch.no_grad():
+        return model(**enc).logits
+
+
+# ---- DPO losses against hand computation ------------------------------------------------
+def test_preference_losses_by_hand():
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    # h = (pc - rc) - (pr - rr) = [1 - (-1), 0 - 1] = [2, -1]
+    beta = 0.5
+    sig = preference_loss(pc, pr, rc, rr, loss="sigmoid", beta=beta)
+    assert sig.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))])
+    ipo = preference_loss(pc, pr, rc, rr, loss="ipo", beta=beta)
+    assert ipo.tolist() == pytest.approx([(2 - 1) ** 2, (-1 - 1) ** 2])  # 1/(2β) = 1
+    hinge = preference_loss(pc, pr, rc, rr, loss="hinge", beta=beta)
+    assert hinge.tolist() == pytest.approx([0.0, 1.5])  # max(0, 1 - βh)
+
+
+def test_completion_logprobs_sum_only_the_labelled_tokens():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 1, 2] = math.log(2.0)  # position 1 predicts token 2 with p = 2/4
+    labels = torch.tensor([[-100, -100, 2, 0]])  # tokens 2 and 3 are the completion
+    # p(label 2 at pos 2 | pos 1) = 0.5 ; p(label 0 at pos 3 | pos 2) = 1/3
+    assert completion_logprobs(logits, labels).item() == pytest.approx(math.log(0.5) + math.log(1 / 3))
+
+
+# ---- full SFT ------------------------------------------------------------------------------
+def test_full_sft_delta_patch_restores_base_bit_for_bit(tiny_editor):
+    base = _logits(tiny_editor)
+    patch = tiny_editor.edit(_req(), method="full-sft", **FULL)
+    assert patch.kind == "delta" and patch.manifest["learnt"] is True
+    assert patch.scores["rel"] == 100.0
+    assert (patch.path / DELTA_WEIGHTS).is_file() and not (patch.path / ADAPTER_WEIGHTS).exists()
+    # the tied embedding / output matrix is one tensor, stored once
+    names = set(patch.weights)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    edited = _logits(tiny_editor)
+    assert not torch.equal(edited, base)
+    tiny_editor.remove(patch)
+    assert torch.equal(_logits(tiny_editor), base)  # bit for bit
+    loaded = Patch.load(patch.path)
+    assert loaded.kind == "delta"
+    tiny_editor.apply(loaded)
+    torch.testing.assert_close(_logits(tiny_editor), edited, atol=1e-5, rtol=0)
+    tiny_editor.remove(loaded)
+    assert torch.equal(_logits(tiny_editor), base)
+
+
+def test_delta_and_lora_patches_stack_and_unstack(tiny_editor):
+    base = _logits(tiny_editor)
+    delta = tiny_editor.edit(_req(), method="full-sft", evaluate=False, **FULL)
+    lora = tiny_editor.edit(EditRequest(GERMANY, "Paris"), evaluate=False, lr=3e-2,
+                            modules=["all"], layers="all", prefixes=0, max_steps=60)
+    assert tiny_editor.generate([PROMPT, GERMANY], max_new_tokens=1) == [" Rome", " Paris"]
+    tiny_editor.remove(delta)
+    tiny_editor.remove(lora)
+    assert torch.equal(_logits(tiny_editor), base)
+
+
+def test_ft_m_trains_one_projection_of_one_layer(tiny_editor):
+    patch = tiny_editor.edit(_req(), method="ft-m", evaluate=False, layers="1", lr=5e-2,
+                             max_steps=40, prefixes=0)
+    assert list(patch.weights) == ["model.layers.1.mlp.down_proj.weight"]
+    assert patch.manifest["config"]["modules"] == ["mlp_out"]
+
+
+def test_norm_bound_keeps_every_weight_in_its_box(tiny_editor):
+    eps = 1e-3
+    patch = tiny_editor.edit(_req(), method="full-sft", evaluate=False,
+                             **{**FULL, "norm_bound": eps, "max_steps": 5})
+    assert max(d.abs().max().item() for d in patch.weights.values()) <= eps * (1 + 1e-4)
+
+
+def test_bfloat16_delta_halves_the_storage(tiny_editor):
+    patch = tiny_editor.edit(_req(), method="full-sft", evaluate=False,
+                             **{**FULL, "delta_dtype": "bfloat16"})
+    assert all(d.dtype == torch.bfloat16 for d in patch.weights.values())
+
+
+def test_full_sft_bad_settings_name_the_field(tiny_editor):
+    with pytest.raises(KnowpatchError, match="norm_bound"):
+        tiny_editor.edit(_req(), method="full-sft", norm_bound=0)
+    with pytest.raises(KnowpatchError, match="layers"):
+        tiny_editor.edit(_req(), method="ft-m", layers="7")  # the tiny model has 2 layers
+    with pytest.raises(KnowpatchError, match="modules"):
+        tiny_editor.edit(_req(), method="full-sft", modules=["no_such_proj"])
+    assert tiny_editor.store.list() == []  # nothing written
+
+
+# ---- DPO --------------------------------------------------------------------------------
+def test_dpo_fact_edit_rejects_the_ground_truth(tiny_editor):
+    patch = tiny_editor.edit(_req(ground_truth="Paris"), method="dpo", evaluate=False,
+                             lr=3e-2, modules=["all"], layers="all", prefixes=0, max_steps=60)
+    assert patch.manifest["rejected"] == ["Paris"]
+    assert tiny_editor.generate(PROMPT, max_new_tokens=1) == [" Rome"]
+
+
+def test_dpo_without_ground_truth_rejects_the_models_own_answer(tiny_editor):
+    own = tiny_editor.generate(PROMPT, max_new_tokens=8)[0]
+    patch = tiny_editor.edit(_req(), method="dpo", evaluate=False, lr=3e-2, modules=["all"],
+                             layers="all", prefixes=0, max_steps=60, loss="ipo")
+    rejected = patch.manifest["rejected"][0]
+    assert rejected and own.strip().startswith(rejected)
+
+
+def test_dpo_full_parameters_gives_a_delta_patch(tiny_editor):
+    base = _logits(tiny_editor)
+    patch = tiny_editor.edit(_req(ground_truth="Paris"), method="dpo", evaluate=False,
+                             train="full", modules=["*"], layers="all", lr=1e-2, prefixes=0,
+                             loss="hinge", max_steps=30)
+    assert patch.kind == "delta"
+    assert tiny_editor.generate(PROMPT, max_new_tokens=1) == [" Rome"]
+    tiny_editor.remove(patch)
+    assert torch.equal(_logits(tiny_editor), base)
+
+
+def test_dpo_bad_loss_is_refused(tiny_editor):
+    with pytest.raises(KnowpatchError, match="loss"):
+        tiny_editor.edit(_req(), method="dpo", loss="cubic")
+
+
+# ---- method auto -----------------------------------------------------------------------
+def test_auto_picks_by_the_documented_rule(tiny_editor):
+    assert choose_method(1)[0] == "lora-sft"
+    assert choose_method(AUTO_FULL_SFT_FROM - 1)[0] == "lora-sft"
+    assert choose_method(AUTO_FULL_SFT_FROM)[0] == "full-sft"
+    assert choose_method(3, preferences=True)[0] == "dpo"
+    patch = tiny_editor.edit(_req(), method="auto", evaluate=False, prefixes=0)
+    assert patch.manifest["method"] == "lora-sft"
+    assert patch.manifest["chosen_by"].startswith("auto: 1 fact")
+
+
+def test_patch_json_records_the_kind(tiny_editor):
+    patch = tiny_editor.edit(_req(), method="ft-m", evaluate=False, layers="0", lr=5e-2,
+                             prefixes=0)
+    manifest = json.loads((patch.path / "patch.json").read_text())
+    assert manifest["kind"] == "delta" and manifest["method"] == "ft-m"
