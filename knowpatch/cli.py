@@ -31,7 +31,7 @@ app = typer.Typer(
     "model. Start with `knowpatch demo`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-patches_app = typer.Typer(help="List, show, route and remove saved patches.",
+patches_app = typer.Typer(help="List, show, route, merge and remove saved patches.",
                           no_args_is_help=True)
 app.add_typer(patches_app, name="patches")
 
@@ -367,7 +367,7 @@ def bench(
                               "../shared/data/counterfact/counterfact_500.json)."),
     out: Path = typer.Option(..., "--out", help="Run folder: rows.jsonl, report.json/.md/.png. "
                              "Rerunning with the same settings resumes."),
-    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}."),
+    method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)} or auto."),
     mode: str = typer.Option("single", help="single (edit, score, remove), batch (k cases per "
                              "patch) or sequential (edits accumulate)."),
     n: int | None = typer.Option(None, "--n", help="First n records (MQuAKE: cases)."),
@@ -528,6 +528,31 @@ def patches_route(
                 mark = "fires" if sc["score"] >= sc["threshold"] else "no"
                 out.print(f"  {sc['score']:.3f} (≥ {sc['threshold']:.2f}? {mark})  {sc['patch']}  "
                           f"{escape(sc['edit'])}", highlight=False)
+    _run(body)
+
+
+@patches_app.command("merge")
+def patches_merge(
+    ref: str = typer.Argument(..., help="Patch id or folder."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the merged HF model."),
+    store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Write a standalone HF model folder with the patch baked into the base weights
+    (loadable with AutoModelForCausalLM.from_pretrained). Routing does not survive a merge:
+    the merged model applies the edit to every query."""
+    def body():
+        from .models import load_model
+        from .patches import merge_into_base
+
+        patch = _store(store).load(ref)
+        if out_dir.exists() and not overwrite:
+            _fail(f"out: {out_dir} already exists (--overwrite to replace it)")
+        with err.status(f"loading {model}…"):
+            base, tokenizer = load_model(model, device=device, dtype=dtype)
+        folder = merge_into_base(patch, base, tokenizer, out_dir, overwrite=overwrite)
+        out.print(f"merged {patch.id} ({patch.kind}) into {folder}")
     _run(body)
 
 

@@ -240,3 +240,48 @@ def make_manifest(*, patch_id: str, base: dict[str, Any], method: str, config: d
         "requests": requests,
         **extra,
     }
+
+
+def merge_into_base(patch: Patch, model, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a standalone HF model folder: `model` (the unedited base this patch was made
+    for) with the patch baked into its weights. A LoRA patch is merged with PEFT's
+    `merge_and_unload`; a delta patch is added to the weights. Routing does not survive a
+    merge: the merged model applies the edit to every query. Written atomically."""
+    from .methods.full_sft import canonical_parameters
+    from .models import fingerprint
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise KnowpatchError(f"out: {out} already exists")
+    if fingerprint(model) != patch.fingerprint:
+        raise KnowpatchError(f"patch {patch.id}: made for another base model "
+                             f"({patch.manifest['base'].get('model', '?')}); refusing to merge")
+    if patch.kind == "delta":
+        params = canonical_parameters(model)
+        with torch.no_grad():
+            for name, delta in patch.weights.items():
+                if name not in params or params[name].shape != delta.shape:
+                    raise KnowpatchError(f"patch {patch.id}: delta {name!r} does not fit the model")
+                params[name].add_(delta.to(params[name].dtype))
+        merged = model
+    else:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        peft_model = get_peft_model(model, patch.adapter_config, adapter_name=patch.id)
+        set_peft_model_state_dict(peft_model, patch.weights, adapter_name=patch.id)
+        merged = peft_model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "knowpatch_merge.json").write_text(json.dumps(
+            {"patch": patch.id, "kind": patch.kind, "base": patch.manifest["base"],
+             "requests": patch.manifest.get("requests", [])}, indent=2, ensure_ascii=False))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

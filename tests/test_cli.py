@@ -123,3 +123,74 @@ def test_patches_route_shows_which_patch_a_query_fires(tiny_dir, tmp_path):
     assert data["routes"][1]["scores"][0]["score"] < 0.9 <= data["routes"][0]["scores"][0]["score"]
     text = run("patches", "route", "--model", tiny_dir, "--store", store, "My favourite food is")
     assert "none: the base model answers" in text.stdout
+
+
+def _pairs(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+PAIRS = [{"prompt": f"Question {i}: how are you?", "chosen": " I am well, thank you.",
+          "rejected": " meh"} for i in range(5)]
+
+
+def test_preferences_json_reports_accuracy_before_and_after(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    res = run("edit", "--model", tiny_dir, "--store", store, "--preferences",
+              _pairs(tmp_path / "p.jsonl", PAIRS), "--heldout", "0.4", "--json", "lr=3e-2",
+              "max_steps=5", "modules=all", "layers=all")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert set(data) == {"pref_acc_before", "pref_acc_after", "margin_before", "margin_after",
+                         "steps", "seconds", "patch"}
+    assert 0 <= data["pref_acc_before"] <= 100 and data["steps"] >= 1
+    manifest = json.loads((tmp_path / "store" / data["patch"].split("/")[-1] / "patch.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["preference"]["pairs_heldout"] == 2
+
+
+def test_bad_preference_files_name_the_line_and_field(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    cases = {
+        "missing": ([PAIRS[0], {"prompt": "x", "chosen": " a"}], "line 2: field 'rejected' is missing"),
+        "same": ([{"prompt": "x", "chosen": " a", "rejected": " a"}], "line 1: field 'rejected' is the same"),
+        "empty": ([], "no preference pairs"),
+    }
+    for name, (lines, message) in cases.items():
+        res = run("edit", "--model", tiny_dir, "--store", store, "--preferences",
+                  _pairs(tmp_path / f"{name}.jsonl", lines))
+        assert res.exit_code == 2, name
+        assert message in " ".join(res.stderr.split()), (name, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--method", "full-sft", "norm_bound=0")
+    assert res.exit_code == 2 and "norm_bound" in res.stderr
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--method", "ft-m", "layers=9")
+    assert res.exit_code == 2 and "layers" in res.stderr
+    assert not store.exists() or not any(store.iterdir())  # nothing written
+
+
+def test_merge_writes_a_standalone_model_with_the_edit(tiny_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    store = tmp_path / "store"
+    for method, extra in (("lora-sft", ["route=false"]), ("ft-m", ["layers=1", "lr=5e-2"])):
+        res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+                  "--method", method, "--json", "prefixes=0", *extra,
+                  *(FAST if method == "lora-sft" else []))
+        assert res.exit_code == 0, res.stderr
+        patch = json.loads(res.stdout)["patch"]
+        merged = tmp_path / f"merged-{method}"
+        res = run("patches", "merge", patch, "--out", merged, "--model", tiny_dir, "--store", store)
+        assert res.exit_code == 0, res.stderr
+        model = AutoModelForCausalLM.from_pretrained(merged)
+        from knowpatch.models import load_model
+
+        _, tok = load_model(str(tiny_dir), device="cpu")
+        ids = tok(PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            top = model(**ids).logits[0, -1].argmax().item()
+        assert tok.decode([top]) == " Rome"
+        again = run("patches", "merge", patch, "--out", merged, "--model", tiny_dir, "--store", store)
+        assert again.exit_code == 2 and "already exists" in again.stderr
