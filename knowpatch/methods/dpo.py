@@ -56,8 +56,8 @@ class Config:
     """LoRA scaling numerator (train=lora)."""
     modules: list[str] = field(default_factory=lambda: ["mlp_out"])
     """Roles (attn, mlp_in, mlp_out, all) or module names; with train=full, * for all."""
-    layers: str = "0%-30%"
-    """Decoder layers trained."""
+    layers: str = "all"
+    """Decoder layers trained (as LoRA SFT: every layer, routing keeps it on its subject)."""
     lr: float = 5e-3
     """AdamW learning rate (use ~1e-5 with train=full, modules=*)."""
     max_steps: int = 40
