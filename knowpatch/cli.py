@@ -404,7 +404,8 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
 
     method, values = _method_config(method, config, overrides)
     values.setdefault("seed", seed)
-    build_config(get_method(method).Config, values, where=method)  # fail before loading
+    if method != AUTO:
+        build_config(get_method(method).Config, values, where=method)  # fail before loading
     if not data.is_file():
         _fail(f"data: no such file {str(data)!r}")
     settings = BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
@@ -414,6 +415,51 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)
     out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+@app.command("bench-router")
+def bench_router(
+    data: Path = typer.Option(..., "--data", help="Benchmark file whose requests give the keys "
+                              "(e.g. ../shared/data/counterfact_easyedit/counterfact-edit.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for router_report.json."),
+    n: int = typer.Option(1000, "--n", help="Records (patches at the largest size)."),
+    sizes: str = typer.Option("10,100,1000", help="Store sizes to measure at, comma-separated."),
+    queries: int = typer.Option(32, help="Prompts in the timed query batch."),
+    model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Routing at scale, without training N edits: real keys of N records, N loaded copies of
+    one trained patch. Reports router recall (paraphrase → its patch), false fires
+    (neighbour → any patch; paraphrase → another record's patch), seconds per query batch
+    against the base model, seconds to add a patch, and memory per patch, at each size."""
+    _setup_logging(verbose)
+
+    def body():
+        from .scale import run_router_bench
+
+        try:
+            size_list = sorted({int(x) for x in sizes.split(",") if x.strip()})
+        except ValueError:
+            _fail(f"sizes: expected comma-separated integers, got {sizes!r}")
+        if not size_list or min(size_list) < 1 or max(size_list) > n:
+            _fail(f"sizes: each must be in 1..{n} (--n)")
+        if not data.is_file():
+            _fail(f"data: no such file {str(data)!r}")
+        editor = _editor(model, device, dtype, None)
+        editor.progress = False
+        report = run_router_bench(editor, str(data), n, size_list, out_dir, queries=queries)
+        table = Table(title=f"router at scale ({report['keyed']} keyed of {report['n']} records)",
+                      title_justify="left")
+        cols = ["patches", "router_recall", "paraphrase_fires_other_patch",
+                "neighbour_fires_any_patch", "query_cost_vs_base", "s_per_query_batch",
+                "s_to_add_a_patch", "memory_per_patch_mb"]
+        for c in cols:
+            table.add_column(c.replace("_", " "), justify="right")
+        for row in report["rows"]:
+            table.add_row(*(str(row[c]) for c in cols))
+        out.print(table)
+        out.print(f"report: {out_dir / 'router_report.json'}")
+    _run(body)
 
 
 @app.command()

@@ -140,3 +140,30 @@ def test_edit_sequential_makes_one_patch_per_request_and_supersedes(tiny_editor)
     assert tiny_editor.superseded() == {patches[0].id: patches[2].id}
     assert tiny_editor.generate(EIFFEL.prompt, max_new_tokens=2)[0].startswith(" Berlin")
     assert tiny_editor.generate(KREMLIN.prompt, max_new_tokens=2)[0].startswith(" Oslo")
+
+
+def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from knowpatch.cli import app
+
+    # paraphrases that keep the edit prompt's prefix fire their patch even on a random model;
+    # the neighbour names no stored subject and must fire none
+    lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
+              "subject": name, "rephrase_prompts": [f"The {name} is located in"],
+              "locality": [{"prompt": "My favourite food is"}]}
+             for name in ("Eiffel Tower", "Kremlin", "Colosseum")]
+    data = tmp_path / "edits.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = CliRunner().invoke(app, ["bench-router", "--model", str(tiny_dir), "--data", str(data),
+                                   "--n", "3", "--sizes", "1,3", "--queries", "4",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "router_report.json").read_text())
+    assert [r["patches"] for r in report["rows"]] == [1, 3]
+    last = report["rows"][-1]
+    assert last["router_recall"] == 100.0 and last["paraphrases"] == 3
+    assert last["neighbour_fires_any_patch"] == 0.0 and last["neighbours"] == 3
+    assert last["query_cost_vs_base"] > 0 and last["memory_per_patch_mb"] >= 0

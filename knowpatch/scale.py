@@ -1,0 +1,162 @@
+"""`knowpatch bench-router`: the router and the patch store at scale, without training.
+
+What routing costs and how well it finds patches depend on the keys and on how many
+adapters are loaded, not on what each adapter learnt. So this benchmark computes the real
+keys of N requests of a benchmark file (from their edit prompts, as `edit` does) and loads
+N adapters that are copies of one really trained patch, each under its own keys. It then
+measures, at several store sizes:
+
+- router recall: a paraphrase of record i fires record i's patch;
+- false fires: a record's neighbourhood (locality) prompt fires any patch, and a paraphrase
+  fires some *other* record's patch (keys of records with the same subject excluded);
+- seconds per query (a batch of greedy generations) with all N patches loaded and routed,
+  against the base model with none, and seconds to add one patch at that size;
+- memory per loaded patch (growth of the resident set).
+
+The quality of N real sequential edits is what `knowpatch bench --mode sequential
+--strategy routed` measures; this one only answers "does routing scale".
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .datasets import load_cases
+from .editor import Editor
+from .evaluate import prompt_ids
+from .patches import Patch
+from .router import Router, compute_keys, fact_of
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: Path,
+                     queries: int = 32, progress: bool = True) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    cases = load_cases(data, None, n)
+    requests = [c.requests[0] for c in cases]
+    layer, threshold = 1, 0.65
+    keys, subjects = [], []
+    with Progress(console=console, transient=True, disable=not progress) as bar:
+        task = bar.add_task("router keys", total=len(requests))
+        editor._activate([])
+        for req in requests:
+            keys.append(compute_keys(editor.model, editor.tokenizer, [req], layer))
+            subjects.append((req.subject or "").lower())
+            bar.advance(task)
+    usable = [i for i, k in enumerate(keys) if k is not None]
+
+    # one real patch whose weights every stored patch copies
+    template = editor.edit(requests[usable[0]], save=False, evaluate=False)
+    editor.remove(template)
+
+    results: list[dict[str, Any]] = []
+    loaded: list[str] = []
+    base_rss = _rss_mb()
+    query_prompts = [p for i in usable for p in
+                     ([lp.prompt for lp in requests[i].locality[:1]] +
+                      list(requests[i].rephrase_prompts[:1]))][:queries]
+    base_seconds = _time_queries(editor, query_prompts, [])
+    add_seconds: list[float] = []
+    for size in sorted(sizes):
+        target = [i for i in usable[:size]]
+        with Progress(console=console, transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"loading {len(target)} patches", total=len(target))
+            bar.advance(task, len(loaded))
+            for i in target[len(loaded):]:
+                patch = Patch(id=f"p{i:05d}", manifest={
+                    **template.manifest, "id": f"p{i:05d}",
+                    "router": {"layer": layer, "threshold": threshold,
+                               "facts": [fact_of(requests[i])]}},
+                    adapter_config=template.adapter_config, weights=template.weights,
+                    keys=keys[i])
+                t0 = time.perf_counter()
+                editor.apply(patch)
+                add_seconds.append(time.perf_counter() - t0)
+                loaded.append(patch.id)
+                bar.advance(task)
+        rss = _rss_mb()
+        recall, own_total, wrong_fire, para_total, neigh_fire, neigh_total = _route_quality(
+            editor, requests, target, subjects)
+        seconds = _time_queries(editor, query_prompts, list(editor._applied))
+        row = {
+            "patches": len(target),
+            "router_recall": round(100 * recall / max(own_total, 1), 2),
+            "paraphrase_fires_other_patch": round(100 * wrong_fire / max(para_total, 1), 2),
+            "neighbour_fires_any_patch": round(100 * neigh_fire / max(neigh_total, 1), 2),
+            "paraphrases": para_total, "neighbours": neigh_total,
+            "s_per_query_batch": round(seconds, 4), "s_per_query_batch_base": round(base_seconds, 4),
+            "query_cost_vs_base": round(seconds / base_seconds, 3),
+            "s_to_add_a_patch": round(statistics.median(add_seconds[-min(len(add_seconds), 20):]), 4),
+            "memory_per_patch_mb": round((rss - base_rss) / max(len(target), 1), 3),
+            "query_batch": len(query_prompts),
+        }
+        results.append(row)
+        console.print(row)
+    for name in loaded:
+        editor.remove(name)
+    report = {"data": str(Path(data).resolve()), "n": len(requests), "keyed": len(usable),
+              "layer": layer, "threshold": threshold, "rows": results}
+    (out / "router_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _route_quality(editor: Editor, requests, target: list[int], subjects: list[str]):
+    """Route every paraphrase and neighbour prompt of the stored records among the stored
+    patches. A fired patch whose subject the prompt names (the record's own, or another
+    record's subject that a neighbour prompt happens to mention) is a right fire."""
+    router: Router = editor.router
+    candidates = [f"p{i:05d}" for i in target]
+    rows, owners, kinds, texts = [], [], [], []
+    for i in target:
+        for p in requests[i].rephrase_prompts:
+            rows.append(prompt_ids(editor.tokenizer, p))
+            owners.append(i)
+            kinds.append("para")
+            texts.append(p.lower())
+        for lp in requests[i].locality:
+            rows.append(prompt_ids(editor.tokenizer, lp.prompt))
+            owners.append(i)
+            kinds.append("neigh")
+            texts.append(lp.prompt.lower())
+    editor._activate_lora([])
+    routes = router.route_rows(editor.model, rows, editor.tokenizer.bos_token_id, candidates)
+    editor._activate(editor._applied)
+    recall = own_total = wrong = para_total = neigh_fire = neigh_total = 0
+    for route, i, kind, text in zip(routes, owners, kinds, texts):
+        fired = {int(p[1:]) for p in route.fired}
+        named = {j for j in fired if subjects[j] and subjects[j] in text}
+        if kind == "para":
+            para_total += 1
+            own_total += 1
+            recall += i in fired or subjects[i] in {subjects[j] for j in fired}
+            wrong += bool(fired - named - {i})
+        else:
+            neigh_total += 1
+            neigh_fire += bool(fired - named)
+    return recall, own_total, wrong, para_total, neigh_fire, neigh_total
+
+
+@torch.no_grad()
+def _time_queries(editor: Editor, prompts: list[str], patches: list[str], repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        editor.generate(prompts, patches=patches, max_new_tokens=5)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
