@@ -452,7 +452,7 @@ def bench_router(
                       title_justify="left")
         cols = ["patches", "router_recall", "paraphrase_fires_other_patch",
                 "neighbour_fires_any_patch", "query_cost_vs_base", "s_per_query_batch",
-                "s_to_add_a_patch", "memory_per_patch_mb"]
+                "s_to_add_a_patch", "weights_per_patch_mb", "memory_per_patch_mb"]
         for c in cols:
             table.add_column(c.replace("_", " "), justify="right")
         for row in report["rows"]:

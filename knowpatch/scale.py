@@ -11,7 +11,8 @@ measures, at several store sizes:
   fires some *other* record's patch (keys of records with the same subject excluded);
 - seconds per query (a batch of greedy generations) with all N patches loaded and routed,
   against the base model with none, and seconds to add one patch at that size;
-- memory per loaded patch (growth of the resident set).
+- memory per loaded patch: its adapter weights and keys exactly, and the growth of the
+  resident set divided by the patches loaded (noisier: the allocator keeps and frees pages).
 
 The quality of N real sequential edits is what `knowpatch bench --mode sequential
 --strategy routed` measures; this one only answers "does routing scale".
@@ -65,6 +66,9 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
     template = editor.edit(requests[usable[0]], save=False, evaluate=False)
     editor.remove(template)
 
+    # exact size of one loaded patch (adapter weights + router keys); RSS growth is noisier
+    weight_bytes = sum(v.numel() * v.element_size() for v in template.weights.values()) + sum(
+        v.numel() * v.element_size() for k in keys[:1] if k for v in k.values())
     results: list[dict[str, Any]] = []
     loaded: list[str] = []
     base_rss = _rss_mb()
@@ -104,6 +108,7 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
             "query_cost_vs_base": round(seconds / base_seconds, 3),
             "s_to_add_a_patch": round(statistics.median(add_seconds[-min(len(add_seconds), 20):]), 4),
             "memory_per_patch_mb": round((rss - base_rss) / max(len(target), 1), 3),
+            "weights_per_patch_mb": round(weight_bytes / 2**20, 3),
             "query_batch": len(query_prompts),
         }
         results.append(row)

@@ -105,3 +105,18 @@ def test_five_sequential_edits_hold_together_and_spare_neighbours(smol_editor):
     finally:
         for p in patches:
             smol_editor.remove(p)
+
+
+def test_behaviour_edit_moves_heldout_preference_accuracy_up(smol_editor):
+    from pathlib import Path
+
+    from knowpatch.datasets import load_preferences
+
+    pairs = load_preferences(Path(__file__).parent.parent / "examples" / "preferences-formal.jsonl")
+    patch, report = smol_editor.edit_preferences(pairs, heldout=0.2, max_steps=4, save=False)
+    try:
+        assert report["pairs_heldout"] == 6 and report["measured_on"] == "heldout"
+        assert report["pref_acc_after"] > report["pref_acc_before"]
+        assert report["margin_after"] > report["margin_before"]
+    finally:
+        smol_editor.remove(patch)
