@@ -51,7 +51,7 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
     console = Console(stderr=True)
     cases = load_cases(data, None, n)
     requests = [c.requests[0] for c in cases]
-    layer, threshold = 1, 0.65
+    layer, threshold = 1, 0.75
     keys, subjects = [], []
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("router keys", total=len(requests))

@@ -77,7 +77,7 @@ class Config:
     route: bool = True
     """train=lora: router keys from each request's subject (see `router`)."""
     route_layer: int = 1
-    route_threshold: float = 0.65
+    route_threshold: float = 0.75
     seed: int = 0
     max_seconds: float | None = None
 

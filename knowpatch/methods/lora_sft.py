@@ -72,7 +72,7 @@ class Config:
     that it acts only on queries about its subjects; False: it acts on every query."""
     route_layer: int = 1
     """Decoder layer whose output the router keys are read at."""
-    route_threshold: float = 0.65
+    route_threshold: float = 0.75
     """A query fires the patch when each subject token matches it at least this well (cos)."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
