@@ -208,11 +208,10 @@ class Router:
                 patch_of = torch.cat([torch.full((len(e.keys),), i, dtype=torch.long)
                                       for i, e in enumerate(entries)])
                 # a global variant index per (patch, variant)
-                offsets, variant, base = [], [], 0
+                variant, base = [], 0
                 for e in entries:
                     variant.append(e.variant + base)
                     base += int(e.variant.max()) + 1 if len(e.variant) else 0
-                    offsets.append(base)
                 variant = torch.cat(variant)
                 variant_patch = torch.zeros(base, dtype=torch.long)
                 variant_patch[variant] = patch_of

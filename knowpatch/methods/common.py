@@ -147,3 +147,13 @@ def last_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def kl_to_reference(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ edited), mean over rows."""
     return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+
+
+def training_prefixes(base_model, tokenizer, config) -> tuple[str, ...]:
+    """The prefixes an edit is also trained after: `config.prefixes` of them, sampled from
+    the base model (prefix_source=model, seeded) or the fixed neutral ones."""
+    if not config.prefixes:
+        return ()
+    if config.prefix_source == "model":
+        return sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed)
+    return PREFIXES[:config.prefixes]

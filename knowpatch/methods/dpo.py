@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, run_loop
 from . import full_sft
-from .common import IGNORE, Example, collate, sampled_prefixes, target_loss
+from .common import IGNORE, Example, collate, target_loss, training_prefixes
 
 NAME = "dpo"
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -188,19 +188,10 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     pad = tokenizer.pad_token_id
     with torch.no_grad(), base() as base_model:
         rejected = rejected_answers(base_model, tokenizer, requests)
+        prefixes = () if pairs else training_prefixes(base_model, tokenizer, config)
     record = rejected
     # data parallel: each process trains its share (gradients are averaged across processes)
     requests, rejected = requests[rank::world], rejected[rank::world]
-    with torch.no_grad(), base() as base_model:
-        prefixes: tuple[str, ...] = ()
-        if not pairs and config.prefixes:
-            if config.prefix_source == "model":
-                prefixes = sampled_prefixes(base_model, tokenizer, config.prefixes,
-                                            seed=config.seed)
-            else:
-                from .common import PREFIXES
-
-                prefixes = PREFIXES[:config.prefixes]
     chosen_ex, rejected_ex = [], []
     for req, rej in zip(requests, rejected):
         for prefix in ("",) + prefixes:

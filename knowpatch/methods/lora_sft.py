@@ -23,8 +23,8 @@ from .common import (
     edit_examples,
     kl_to_reference,
     last_token_logprobs,
-    sampled_prefixes,
     target_loss,
+    training_prefixes,
 )
 
 NAME = "lora-sft"
@@ -148,10 +148,10 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                          f"(got {min(map(len, chunks))})")
     chunks = [c[rank::world] for c in chunks]
 
-    prefixes: int | tuple[str, ...] = config.prefixes
-    if config.prefix_source == "model" and config.prefixes:
+    prefixes: tuple[str, ...] = ()
+    if config.prefixes:
         with torch.no_grad(), base() as base_model:
-            prefixes = sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed)
+            prefixes = training_prefixes(base_model, tokenizer, config)
     n_prefixes = config.prefixes
 
     def prepare(chunk: list[EditRequest]):
