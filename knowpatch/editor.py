@@ -403,6 +403,11 @@ class Editor:
             patch_id, adapter_cfg, weights, result, seconds, keys = self._train_lora(
                 module, requests, cfg, into, train_options or {})
 
+        facts = sorted({fact_of(r) for r in requests} | set(
+            ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
+        self.router.remove(patch_id)
+        if keys is not None:  # routed from its first evaluation on, as it will be in use
+            self.router.add(patch_id, keys, cfg.route_layer, cfg.route_threshold, frozenset(facts))
         edited = None
         if baseline is not None:
             with self.using_names([patch_id]) as model:
@@ -425,8 +430,7 @@ class Editor:
         if keys is not None:
             manifest["router"] = {
                 "layer": cfg.route_layer, "threshold": cfg.route_threshold, "keys": len(keys["keys"]),
-                "facts": sorted({fact_of(r) for r in requests} | set(
-                    (previous.get("router") or {}).get("facts", []))),
+                "facts": facts,
             }
         if into is not None:
             manifest["edits"] = previous.get("edits", 1) + 1
