@@ -73,7 +73,7 @@ class Editor:
         self._hooked: set[int] = set()  # LoRA layers that carry the routing hook
         self._route_candidates: list[str] | None = None
         self._routing_now = False
-        self._lora_layer_cache: list[Any] | None = None
+        self._lora_layer_cache: dict[str, Any] | None = None
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
         self._deltas_on: list[str] = []  # delta patches currently added to the weights
         model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
@@ -112,9 +112,71 @@ class Editor:
 
         if self._peft is None:
             self._peft = get_peft_model(self.model, config, adapter_name=name)
-        else:
+            self._lora_layer_cache = None
+        elif not self._add_adapter_fast(name, config):
             self._peft.add_adapter(name, config)
-        self._lora_layer_cache = None  # the adapter may target layers no other did
+            self._lora_layer_cache = None  # the adapter may target layers no other did
+
+    def _add_adapter_fast(self, name: str, config) -> bool:
+        """Add adapter `name` to LoRA layers that already exist, without PEFT's
+        `add_adapter`, whose module walk, target matching and requires_grad pass cover every
+        adapter already loaded (0.06 s per added patch at 10 patches, 1.55 s at 300,
+        measured). Each targeted layer's own `update_layer` (PEFT's initialisation) is called
+        directly, so the cost stays per layer. Falls back (returns False) to PEFT for a
+        target with no LoRA layer yet or an adapter kind other than plain LoRA."""
+        targets = config.target_modules
+        if (isinstance(targets, str) or not targets or getattr(config, "use_dora", False)
+                or getattr(config, "lora_bias", False) or config.init_lora_weights is not True
+                or name in self._peft.peft_config):
+            return False
+        layers = self._lora_layers()
+        if any(t not in layers for t in targets):
+            return False
+        self._peft.peft_config[name] = config
+        try:
+            for module_name, layer in layers.items():  # module order: PEFT's, for the RNG
+                if module_name in targets:
+                    # keyword form of PEFT >= 0.18 (r, lora_alpha, config)
+                    layer.update_layer(name, config.r, config.lora_alpha, config=config)
+        except TypeError:  # another PEFT signature: undo, let PEFT do it
+            for layer in layers.values():
+                layer.delete_adapter(name)
+            del self._peft.peft_config[name]
+            return False
+        return True
+
+    def _adapter_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s weights under PEFT's state-dict keys (what
+        `get_peft_model_state_dict` returns, without its walk over every adapter's tensors)."""
+        out = {}
+        for module_name, layer in self._lora_layers().items():
+            if name in layer.lora_A:
+                prefix = f"base_model.model.{module_name}"
+                out[f"{prefix}.lora_A.weight"] = layer.lora_A[name].weight.detach().clone()
+                out[f"{prefix}.lora_B.weight"] = layer.lora_B[name].weight.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def _set_adapter_weights(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Copy a patch's weights (PEFT state-dict keys) into adapter `name`; a key that
+        fits no layer of this model is an error naming it."""
+        layers = self._lora_layers()
+        seen = set()
+        for key, value in weights.items():
+            stem, _, tail = key.rpartition(".lora_")
+            module_name = stem.removeprefix("base_model.model.")
+            part = "lora_" + tail.removesuffix(".weight")
+            layer = layers.get(module_name)
+            if (layer is None or part not in ("lora_A", "lora_B") or name not in layer.lora_A
+                    or getattr(layer, part)[name].weight.shape != value.shape):
+                raise KnowpatchError(f"weights do not fit this model ({key})")
+            target = getattr(layer, part)[name].weight
+            target.copy_(value.to(target.device, target.dtype))
+            seen.add((module_name, part))
+        missing = [m for m, layer in layers.items() if name in layer.lora_A
+                   and not {(m, "lora_A"), (m, "lora_B")} <= seen]
+        if missing:
+            raise KnowpatchError(f"weights miss the adapter of {missing[0]}")
 
     def _rows_hook(self, module, args, output):
         """Add, to the rows that fired them, the LoRA updates of routed adapters.
@@ -197,8 +259,6 @@ class Editor:
             self._activate(self._applied)
 
     def _load(self, patch: Patch) -> str:
-        from peft import set_peft_model_state_dict
-
         if patch.fingerprint != self.fingerprint:
             raise KnowpatchError(
                 f"patch {patch.id}: made for base model {patch.fingerprint} "
@@ -210,11 +270,11 @@ class Editor:
             self._load_delta(patch)
             return patch.id
         self._add_adapter(patch.id, patch.adapter_config)
-        result = set_peft_model_state_dict(self._peft, patch.weights, adapter_name=patch.id)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            self._peft.delete_adapter(patch.id)
-            raise KnowpatchError(f"patch {patch.id}: weights do not fit this model ({missing[0]})")
+        try:
+            self._set_adapter_weights(patch.id, patch.weights)
+        except KnowpatchError as e:
+            self._unload_adapter(patch.id)
+            raise KnowpatchError(f"patch {patch.id}: {e}") from None
         self._loaded[patch.id] = patch
         self._register_keys(patch)
         return patch.id
@@ -283,23 +343,38 @@ class Editor:
         # loaded (0.2 s per query batch at 20 patches, seconds at 1,000). Routing switches
         # adapters on every batch, so only the LoRA layers' active-adapter state is set here.
         names = list(names)
-        for layer in self._lora_layers():
+        for layer in self._lora_layers().values():
             layer._disable_adapters = not names
             if names:
                 layer._active_adapter = names
         if trainable:  # exactly the adapters being trained get gradients
             wanted = set(names)
-            for n, p in self.model.named_parameters():
-                adapter = _adapter_of(n)
-                if adapter is not None:
-                    p.requires_grad_(adapter in wanted)
+            for layer in self._lora_layers().values():
+                for part in (layer.lora_A, layer.lora_B):
+                    for adapter, sub in part.items():
+                        sub.weight.requires_grad_(adapter in wanted)
 
-    def _lora_layers(self) -> list[Any]:
+    def _lora_layers(self) -> dict[str, Any]:
+        """{module name in the model: PEFT LoRA layer}, cached until a layer may appear or
+        go (PEFT's own add/delete); each layer carries the per-row routing hook."""
         if self._lora_layer_cache is None:
             from peft.tuners.lora import LoraLayer
 
-            self._lora_layer_cache = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-            for m in self._lora_layer_cache:
+            # a LoRA layer's own children (its adapters' ModuleDicts) hold no LoRA layer:
+            # the walk skips them, so it does not grow with the number of adapters
+            found: dict[str, Any] = {}
+
+            def walk(module, prefix):
+                for child_name, child in module.named_children():
+                    full = f"{prefix}.{child_name}" if prefix else child_name
+                    if isinstance(child, LoraLayer):
+                        found[full] = child
+                    else:
+                        walk(child, full)
+
+            walk(self.model, "")
+            self._lora_layer_cache = found
+            for m in found.values():
                 if id(m) not in self._hooked:
                     m.register_forward_hook(self._rows_hook)
                     self._hooked.add(id(m))
@@ -478,10 +553,7 @@ class Editor:
                                   progress=self.progress, **options)
             seconds = time.perf_counter() - started
             self._activate([patch_id])
-            from peft import get_peft_model_state_dict
-
-            weights = {k: v.detach().clone() for k, v in
-                       get_peft_model_state_dict(self._peft, adapter_name=patch_id).items()}
+            weights = self._adapter_weights(patch_id)
         except BaseException:
             if into is None:
                 self._unload_adapter(patch_id)
@@ -511,8 +583,13 @@ class Editor:
         return patch_id, None, weights, result, seconds, None
 
     def _unload_adapter(self, name: str) -> None:
-        self._peft.delete_adapter(name)
-        self._lora_layer_cache = None
+        """Delete adapter `name` from every LoRA layer (each layer's own delete, not PEFT's
+        model-wide one, which walks every module of every adapter)."""
+        for layer in self._lora_layers().values():
+            active = [a for a in layer.active_adapters if a != name]
+            layer._active_adapter = active  # never hand PEFT a deleted active adapter
+            layer.delete_adapter(name)
+        self._peft.peft_config.pop(name, None)
 
     def edit_preferences(self, pairs: Sequence[EditRequest], *, heldout: float = 0.2,
                          method: str = "dpo", seed: int = 0, save: bool = True,
@@ -623,15 +700,6 @@ class Editor:
             self._row_plan = {}
             self._activate(self._applied)
 
-
-
-def _adapter_of(param_name: str) -> str | None:
-    """The adapter a PEFT parameter belongs to (`...lora_A.<adapter>.weight`), else None."""
-    parts = param_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith("lora_"):
-            return parts[i + 1]
-    return None
 
 
 def _merge_keys(old: dict[str, torch.Tensor] | None,

@@ -167,3 +167,41 @@ def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
     assert last["router_recall"] == 100.0 and last["paraphrases"] == 3
     assert last["neighbour_fires_any_patch"] == 0.0 and last["neighbours"] == 3
     assert last["query_cost_vs_base"] > 0 and last["weights_per_patch_mb"] > 0
+
+
+def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor, tmp_path):
+    """After the first patch, adapters are added to and deleted from the existing LoRA layers
+    directly (PEFT's model-wide add/delete walk every loaded adapter); the weights read and
+    written by hand are exactly PEFT's state dict."""
+    from peft import get_peft_model_state_dict
+
+    a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    peft_model = tiny_editor._peft
+
+    def refuse(*_a, **_k):
+        raise AssertionError("PEFT's model-wide add/delete was used")
+
+    peft_model.add_adapter = refuse
+    peft_model.delete_adapter = refuse
+    b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
+    for patch in (a, b):
+        reference = get_peft_model_state_dict(peft_model, adapter_name=patch.id)
+        assert set(patch.weights) == set(reference)
+        for key, value in reference.items():
+            assert torch.equal(patch.weights[key], value)
+    # a saved patch loaded into another editor answers the same, through the same fast path
+    b.save(tmp_path / "b")
+    after = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt])
+    tiny_editor.remove(b)
+    assert b.id not in peft_model.peft_config
+    assert all(b.id not in layer.lora_A for layer in tiny_editor._lora_layers().values())
+    tiny_editor.apply(Patch.load(tmp_path / "b"))
+    torch.testing.assert_close(_logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt]), after,
+                               atol=1e-6, rtol=0)
+    # a patch whose weights do not fit is refused by name and leaves no adapter behind
+    bad = Patch.load(tmp_path / "b")
+    bad.id = "bad"
+    bad.weights = {k.replace("lora_A", "lora_Q"): v for k, v in bad.weights.items()}
+    with pytest.raises(Exception, match="do not fit"):
+        tiny_editor.apply(bad)
+    assert all("bad" not in layer.lora_A for layer in tiny_editor._lora_layers().values())
