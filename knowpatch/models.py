@@ -250,6 +250,16 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 ROLES = ("attn", "mlp_in", "mlp_out")
 
 
+def _modules_outside_adapters(root: torch.nn.Module, prefix: str = ""):
+    """(name, module) under `root`, not descending into PEFT-wrapped layers: their children
+    are the adapters (a walk through them would grow with every patch loaded)."""
+    for name, child in root.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if getattr(child, "base_layer", None) is None:
+            yield from _modules_outside_adapters(child, full)
+
+
 def linear_modules(
     model: torch.nn.Module, roles_or_names: list[str], layers: list[int] | None = None
 ) -> list[str]:
@@ -270,10 +280,7 @@ def linear_modules(
     found: list[str] = []
     seen_leaves: set[str] = set()
     for i in selected:
-        for sub, module in blocks[i].named_modules():
-            parts = sub.split(".")
-            if "base_layer" in parts or any(p.startswith("lora_") for p in parts):
-                continue  # PEFT's own sub-modules, once adapters are injected
+        for sub, module in _modules_outside_adapters(blocks[i]):
             base = getattr(module, "base_layer", None)  # a PEFT-wrapped linear layer
             if isinstance(base, torch.nn.Linear):
                 module = base

@@ -205,3 +205,11 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     with pytest.raises(Exception, match="do not fit"):
         tiny_editor.apply(bad)
     assert all("bad" not in layer.lora_A for layer in tiny_editor._lora_layers().values())
+    # targets given as PEFT suffixes (as PEFT rewrites long lists) after every patch is gone
+    from peft import LoraConfig
+
+    for patch in list(tiny_editor.applied):
+        tiny_editor.remove(patch)
+    tiny_editor._add_adapter("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
+    with_adapter = [m for m, layer in tiny_editor._lora_layers().items() if "suffix" in layer.lora_A]
+    assert with_adapter == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
