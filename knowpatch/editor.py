@@ -75,6 +75,8 @@ class Editor:
         self._routing_now = False
         self._lora_layer_cache: dict[str, Any] | None = None
         self._module_names: list[str] = []  # the model's modules outside LoRA layers
+        self._row_stacks: dict[int, list] = {}  # per LoRA layer: stacked weights of the plan
+        self._delta_ids: set[str] = set()  # loaded weight-delta (full SFT) patches
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
         self._deltas_on: list[str] = []  # delta patches currently added to the weights
         model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
@@ -113,10 +115,15 @@ class Editor:
 
         if self._peft is None:
             self._peft = get_peft_model(self.model, config, adapter_name=name)
-            self._lora_layer_cache = None
-        elif not self._add_adapter_fast(name, config):
+        elif self._add_adapter_fast(name, config):
+            return
+        else:
             self._peft.add_adapter(name, config)
-            self._lora_layer_cache = None  # the adapter may target layers no other did
+        self._lora_layer_cache = None  # the adapter may target layers no other did
+        # PEFT creates its layers in training mode; the model answers queries in eval mode
+        # (a LoRA dropout must not act at inference). Training switches its adapter's on.
+        for layer in self._lora_layers().values():
+            layer.eval()
 
     def _add_adapter_fast(self, name: str, config) -> bool:
         """Add adapter `name` to LoRA layers that already exist, without PEFT's
@@ -160,6 +167,8 @@ class Editor:
                 weight = layer.get_base_layer().weight
                 for part in (layer.lora_A, layer.lora_B):
                     part[name].to(weight.device, weight.dtype)
+                for part in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                    part[name].eval()
         except TypeError:  # another PEFT signature: undo, let PEFT do it
             for layer in layers.values():
                 layer.delete_adapter(name)
@@ -206,17 +215,32 @@ class Editor:
         Routed adapters are not active in PEFT's sense (PEFT would run each on every row of
         the batch); this forward hook of each LoRA layer runs each fired adapter on its own
         rows only (written by hand: PEFT's per-row `adapter_names` allows one adapter per row,
-        a query here may fire several)."""
+        a query here may fire several). The (row, adapter) pairs of a layer are run as one
+        batched matrix product per adapter rank, their weights stacked once per routing
+        decision (a loop over fired adapters cost 0.3 s per 32-prompt query batch with 16
+        patches firing, profiled)."""
         plan = self._row_plan
         if not plan:
             return output
         x = args[0]
-        for adapter, rows in plan.items():
-            if adapter not in module.lora_A:
-                continue
-            sub = x.index_select(0, rows).to(module.lora_A[adapter].weight.dtype)
-            update = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](sub)))
-            output = output.index_add(0, rows, (update * module.scaling[adapter]).to(output.dtype))
+        dropout_free = not module.training or all(
+            isinstance(module.lora_dropout[a], torch.nn.Identity)
+            for a in plan if a in module.lora_dropout)
+        if not dropout_free:
+            for adapter, rows in plan.items():
+                if adapter not in module.lora_A:
+                    continue
+                sub = x.index_select(0, rows).to(module.lora_A[adapter].weight.dtype)
+                update = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](sub)))
+                output = output.index_add(0, rows, (update * module.scaling[adapter]).to(output.dtype))
+            return output
+        groups = self._row_stacks.get(id(module))
+        if groups is None:
+            groups = self._row_stacks[id(module)] = _stack_fired(module, plan)
+        for rows, a, b in groups:
+            sub = x.index_select(0, rows).to(a.dtype)
+            update = torch.bmm(torch.bmm(sub, a), b)  # scaling folded into b
+            output = output.index_add(0, rows, update.to(output.dtype))
         return output
 
     def _register_keys(self, patch: Patch) -> None:
@@ -248,6 +272,7 @@ class Editor:
         always = [c for c in candidates if c not in self.router]
         routes = [Route([], {}) for _ in rows]
         self._row_plan = {}
+        self._row_stacks = {}
         if keyed:
             self._routing_now = True
             try:
@@ -264,6 +289,7 @@ class Editor:
                 plan[p] = torch.tensor(rows_fired, dtype=torch.long, device=self.device)
         self._lora_layers()  # make sure every LoRA layer carries the routing hook
         self._row_plan = plan
+        self._row_stacks = {}
         self.last_routes = routes
         return routes
 
@@ -278,6 +304,7 @@ class Editor:
             return self._route_rows([prompt_ids(self.tokenizer, p) for p in prompts], names)
         finally:
             self._row_plan = {}
+            self._row_stacks = {}
             self._activate(self._applied)
 
     def _load(self, patch: Patch) -> str:
@@ -312,6 +339,7 @@ class Editor:
             if name not in self._originals:
                 self._originals[name] = params[name].detach().clone()
         self._loaded[patch.id] = patch
+        self._delta_ids.add(patch.id)
 
     @torch.no_grad()
     def _set_deltas(self, names: list[str]) -> None:
@@ -339,6 +367,7 @@ class Editor:
         if patch is not None and patch.kind == "delta":
             self._set_deltas([d for d in self._deltas_on if d != name])
             del self._loaded[name]
+            self._delta_ids.discard(name)
             still = {n for p in self._loaded.values() if p.kind == "delta" for n in p.weights}
             for n in list(self._originals):
                 if n not in still:
@@ -351,7 +380,7 @@ class Editor:
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active (none: the base model's exact forward)."""
-        deltas = [n for n in names if n in self._loaded and self._loaded[n].kind == "delta"]
+        deltas = [n for n in names if n in self._delta_ids] if self._delta_ids else []
         self._set_deltas(deltas)
         self._activate_lora([n for n in names if n not in deltas], trainable)
 
@@ -573,9 +602,13 @@ class Editor:
                     keys = _merge_keys(into.keys, keys)
             self._activate([patch_id], trainable=True)
             started = time.perf_counter()
-            result = module.train(self.model, self.tokenizer, requests, cfg,
-                                  base=lambda: self._base_only([patch_id]),
-                                  progress=self.progress, **options)
+            self._dropout_mode(patch_id, True)
+            try:
+                result = module.train(self.model, self.tokenizer, requests, cfg,
+                                      base=lambda: self._base_only([patch_id]),
+                                      progress=self.progress, **options)
+            finally:
+                self._dropout_mode(patch_id, False)
             seconds = time.perf_counter() - started
             self._activate([patch_id])
             weights = self._adapter_weights(patch_id)
@@ -585,6 +618,12 @@ class Editor:
             self._activate(self._applied)
             raise
         return patch_id, adapter_cfg, weights, result, seconds, keys
+
+    def _dropout_mode(self, name: str, training: bool) -> None:
+        """LoRA dropout of adapter `name` on while it trains, off otherwise."""
+        for layer in self._lora_layers().values():
+            if name in layer.lora_dropout:
+                layer.lora_dropout[name].train(training)
 
     def _train_delta(self, module, requests: list[EditRequest], cfg, into: Patch | None,
                      options: dict[str, Any]):
@@ -729,8 +768,28 @@ class Editor:
         finally:
             self._route_candidates = None
             self._row_plan = {}
+            self._row_stacks = {}
             self._activate(self._applied)
 
+
+
+@torch.no_grad()
+def _stack_fired(module, plan: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """For one LoRA layer: the fired (row, adapter) pairs grouped by rank, as
+    (rows (K,), A^T (K, in, r), scaling · B^T (K, r, out)) for two batched products."""
+    groups: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for adapter, rows in plan.items():
+        if adapter not in module.lora_A:
+            continue
+        a = module.lora_A[adapter].weight.detach().T
+        b = module.lora_B[adapter].weight.detach().T * module.scaling[adapter]
+        for row in rows.tolist():
+            groups.setdefault(a.shape[1], []).append((row, a, b))
+    out = []
+    for pairs in groups.values():
+        rows = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=pairs[0][1].device)
+        out.append((rows, torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])))
+    return out
 
 
 def _skip(*_args: Any, **_kwargs: Any) -> None:

@@ -235,7 +235,7 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     Discovered from the module tree, never from the model's family name.
     """
     best: tuple[str, torch.nn.ModuleList] | None = None
-    for name, module in model.named_modules():
+    for name, module in _modules_outside_adapters(model):
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
                 best = (name, module)
