@@ -133,3 +133,19 @@ def test_successive_edits_on_one_editor_stay_apart(tiny_editor):
     assert set(a.weights) == set(b.weights)  # the same layers found again after injection
     assert tiny_editor.generate(PROMPT, patches=[a], max_new_tokens=2) == out_a
     assert [p.id for p in tiny_editor.applied] == [a.id, b.id]
+
+
+def test_lora_dropout_acts_in_training_only(tiny_editor):
+    """PEFT makes its layers in training mode; a patch with LoRA dropout must still answer
+    the same query the same way every time (dropout off at inference), for the first patch
+    (PEFT's injection) and the next ones (added to the existing layers)."""
+    first = tiny_editor.edit(_request(), evaluate=False, dropout=0.5, **FAST)
+    second = tiny_editor.edit(EditRequest("The Kremlin is located in the city of", "Oslo",
+                                          subject="Kremlin"), evaluate=False, dropout=0.5, **FAST)
+    layers = list(tiny_editor._lora_layers().values())
+    assert layers and not any(m.training for layer in layers for m in layer.modules())
+    for patch in (first, second):
+        tiny_editor.remove(patch)
+        tiny_editor.apply(patch)
+        torch.testing.assert_close(_logits(tiny_editor), _logits(tiny_editor), atol=0, rtol=0)
+    assert isinstance(layers[0].lora_dropout[second.id], torch.nn.Dropout)
