@@ -77,6 +77,10 @@ class Editor:
         self._module_names: list[str] = []  # the model's modules outside LoRA layers
         self._row_stacks: dict[int, list] = {}  # per LoRA layer: stacked weights of the plan
         self._delta_ids: set[str] = set()  # loaded weight-delta (full SFT) patches
+        self._gated: set[str] = set()  # patches whose adapter acts at subject tokens only
+        self._row_gates: dict[str, torch.Tensor] = {}  # per fired gated patch: (rows, seq)
+        self._prefill_len = -1  # sequence length of the routed (prefill) forward
+        self._train_gate: tuple[str, torch.Tensor] | None = None  # gate=subject training
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
         self._deltas_on: list[str] = []  # delta patches currently added to the weights
         model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
@@ -218,11 +222,24 @@ class Editor:
         a query here may fire several). The (row, adapter) pairs of a layer are run as one
         batched matrix product per adapter rank, their weights stacked once per routing
         decision (a loop over fired adapters cost 0.3 s per 32-prompt query batch with 16
-        patches firing, profiled)."""
+        patches firing, profiled). A gate=subject adapter acts only at the positions where
+        the router found its subject, in the routed forward (not in cached generation steps,
+        whose new tokens are never the subject's)."""
+        x = args[0]
+        if self._train_gate is not None:  # gate=subject training: live weights, gradients
+            adapter, gate = self._train_gate
+            if adapter not in module.lora_A:
+                return output
+            update = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](
+                x.to(module.lora_A[adapter].weight.dtype))))
+            return output + (update * module.scaling[adapter] * gate[..., None]).to(output.dtype)
         plan = self._row_plan
         if not plan:
             return output
-        x = args[0]
+        prefill = x.shape[1] == self._prefill_len
+        gates = self._row_gates if prefill else {}
+        if not prefill and self._row_gates:
+            plan = {a: rows for a, rows in plan.items() if a not in self._row_gates}
         dropout_free = not module.training or all(
             isinstance(module.lora_dropout[a], torch.nn.Identity)
             for a in plan if a in module.lora_dropout)
@@ -232,14 +249,20 @@ class Editor:
                     continue
                 sub = x.index_select(0, rows).to(module.lora_A[adapter].weight.dtype)
                 update = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](sub)))
-                output = output.index_add(0, rows, (update * module.scaling[adapter]).to(output.dtype))
+                update = update * module.scaling[adapter]
+                if adapter in gates:
+                    update = update * gates[adapter][..., None]
+                output = output.index_add(0, rows, update.to(output.dtype))
             return output
-        groups = self._row_stacks.get(id(module))
+        key = (id(module), prefill)
+        groups = self._row_stacks.get(key)
         if groups is None:
-            groups = self._row_stacks[id(module)] = _stack_fired(module, plan)
-        for rows, a, b in groups:
+            groups = self._row_stacks[key] = _stack_fired(module, plan, gates)
+        for rows, a, b, gate in groups:
             sub = x.index_select(0, rows).to(a.dtype)
             update = torch.bmm(torch.bmm(sub, a), b)  # scaling folded into b
+            if gate is not None:
+                update = update * gate[..., None]
             output = output.index_add(0, rows, update.to(output.dtype))
         return output
 
@@ -248,6 +271,8 @@ class Editor:
         if info is not None:
             self.router.add(patch.id, patch.keys, info["layer"], info["threshold"],
                             frozenset(info.get("facts", [])))
+            if (patch.manifest.get("config") or {}).get("gate") == "subject":
+                self._gated.add(patch.id)
 
     # ---- routing ----------------------------------------------------------------------
     def _route_hook(self, _module, args, kwargs):
@@ -262,16 +287,21 @@ class Editor:
         mask = kwargs.get("attention_mask")
         if mask is not None:
             mask = mask[:, -ids.shape[1]:]
-        rows = [(ids[r][mask[r].bool()] if mask is not None else ids[r]).tolist()
-                for r in range(ids.shape[0])]
-        self._route_rows(rows, self._route_candidates)
+        columns = [(mask[r].nonzero().squeeze(-1) if mask is not None
+                    else torch.arange(ids.shape[1], device=ids.device)) for r in range(ids.shape[0])]
+        rows = [ids[r][c].tolist() for r, c in enumerate(columns)]
+        self._route_rows(rows, self._route_candidates, columns, ids.shape[1])
         return None
 
-    def _route_rows(self, rows: list[list[int]], candidates: list[str]) -> list[Route]:
+    def _route_rows(self, rows: list[list[int]], candidates: list[str],
+                    columns: list[torch.Tensor] | None = None, width: int = -1) -> list[Route]:
+        """Route token-id rows (no padding) among `candidates` and set the per-row plan;
+        `columns[r]`: where row r's tokens sit in the batch of width `width` (for gates)."""
         keyed = [c for c in candidates if c in self.router]
         always = [c for c in candidates if c not in self.router]
         routes = [Route([], {}) for _ in rows]
         self._row_plan = {}
+        self._row_gates = {}
         self._row_stacks = {}
         if keyed:
             self._routing_now = True
@@ -287,8 +317,20 @@ class Editor:
             rows_fired = [i for i, r in enumerate(routes) if p in r.fired]
             if rows_fired:
                 plan[p] = torch.tensor(rows_fired, dtype=torch.long, device=self.device)
+        gates = {}
+        if columns is not None:
+            for p in plan:
+                if p in self._gated:  # 1 at the tokens where the router found the subject
+                    gate = torch.zeros((len(plan[p]), width), device=self.device)
+                    for k, r in enumerate(plan[p].tolist()):
+                        at = routes[r].positions.get(p, [])
+                        if at:
+                            gate[k, columns[r][at].to(self.device)] = 1.0
+                    gates[p] = gate
         self._lora_layers()  # make sure every LoRA layer carries the routing hook
         self._row_plan = plan
+        self._row_gates = gates
+        self._prefill_len = width
         self._row_stacks = {}
         self.last_routes = routes
         return routes
@@ -304,6 +346,7 @@ class Editor:
             return self._route_rows([prompt_ids(self.tokenizer, p) for p in prompts], names)
         finally:
             self._row_plan = {}
+            self._row_gates = {}
             self._row_stacks = {}
             self._activate(self._applied)
 
@@ -377,6 +420,7 @@ class Editor:
             self._unload_adapter(name)
             del self._loaded[name]
             self.router.remove(name)
+            self._gated.discard(name)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active (none: the base model's exact forward)."""
@@ -535,8 +579,11 @@ class Editor:
         facts = sorted({fact_of(r) for r in requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
         self.router.remove(patch_id)
+        self._gated.discard(patch_id)
         if keys is not None:  # routed from its first evaluation on, as it will be in use
             self.router.add(patch_id, keys, cfg.route_layer, cfg.route_threshold, frozenset(facts))
+            if getattr(cfg, "gate", "all") == "subject":
+                self._gated.add(patch_id)
         edited = None
         if baseline is not None:
             with self.using_names([patch_id]) as model:
@@ -603,12 +650,15 @@ class Editor:
             self._activate([patch_id], trainable=True)
             started = time.perf_counter()
             self._dropout_mode(patch_id, True)
+            if getattr(cfg, "gate", "all") == "subject":
+                options = {**options, "set_gate": self._gate_setter(patch_id)}
             try:
                 result = module.train(self.model, self.tokenizer, requests, cfg,
                                       base=lambda: self._base_only([patch_id]),
                                       progress=self.progress, **options)
             finally:
                 self._dropout_mode(patch_id, False)
+                self._train_gate = None
             seconds = time.perf_counter() - started
             self._activate([patch_id])
             weights = self._adapter_weights(patch_id)
@@ -618,6 +668,19 @@ class Editor:
             self._activate(self._applied)
             raise
         return patch_id, adapter_cfg, weights, result, seconds, keys
+
+    def _gate_setter(self, name: str):
+        """For gate=subject training: `set(mask)` makes adapter `name` act only where the
+        (rows, seq) `mask` is 1 in the next forward (through the LoRA-layer hook, not PEFT);
+        `set(None)` ends that."""
+        def set_gate(mask: torch.Tensor | None) -> None:
+            if mask is None:
+                self._train_gate = None
+                return
+            self._activate_lora([])  # PEFT must not run the adapter ungated as well
+            self._lora_layers()
+            self._train_gate = (name, mask)
+        return set_gate
 
     def _dropout_mode(self, name: str, training: bool) -> None:
         """LoRA dropout of adapter `name` on while it trains, off otherwise."""
@@ -768,27 +831,38 @@ class Editor:
         finally:
             self._route_candidates = None
             self._row_plan = {}
+            self._row_gates = {}
             self._row_stacks = {}
             self._activate(self._applied)
 
 
 
 @torch.no_grad()
-def _stack_fired(module, plan: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+def _stack_fired(module, plan: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]
+                 ) -> list[tuple[Any, ...]]:
     """For one LoRA layer: the fired (row, adapter) pairs grouped by rank, as
-    (rows (K,), A^T (K, in, r), scaling · B^T (K, r, out)) for two batched products."""
-    groups: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    (rows (K,), A^T (K, in, r), scaling · B^T (K, r, out), gate (K, seq) or None) for two
+    batched products."""
+    groups: dict[int, list[tuple[Any, ...]]] = {}
     for adapter, rows in plan.items():
         if adapter not in module.lora_A:
             continue
         a = module.lora_A[adapter].weight.detach().T
         b = module.lora_B[adapter].weight.detach().T * module.scaling[adapter]
-        for row in rows.tolist():
-            groups.setdefault(a.shape[1], []).append((row, a, b))
+        gate = gates.get(adapter)
+        for k, row in enumerate(rows.tolist()):
+            groups.setdefault(a.shape[1], []).append(
+                (row, a, b, None if gate is None else gate[k]))
     out = []
     for pairs in groups.values():
         rows = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=pairs[0][1].device)
-        out.append((rows, torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])))
+        gate = None
+        if any(p[3] is not None for p in pairs):
+            width = next(p[3] for p in pairs if p[3] is not None).shape[0]
+            gate = torch.stack([p[3] if p[3] is not None else
+                                torch.ones(width, device=rows.device) for p in pairs])
+        out.append((rows, torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs]),
+                    gate))
     return out
 
 

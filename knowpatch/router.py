@@ -149,6 +149,9 @@ class Route:
     fired: list[str]
     scores: dict[str, float]
     superseded: dict[str, str] = field(default_factory=dict)  # fired but dropped: old -> new
+    positions: dict[str, list[int]] = field(default_factory=dict)
+    """For each fired patch: the query positions (in the row, without <bos>) where its
+    subject tokens matched best (the best-scoring key variant)."""
 
 
 def fact_of(req) -> str:
@@ -261,4 +264,22 @@ class Router:
         for layer in self.layers(candidates):
             for r, h in enumerate(hidden_rows(model, rows, layer, bos)):
                 hidden[r][layer] = h
-        return [self.decide(self.score(h, candidates)) for h in hidden]
+        routes = [self.decide(self.score(h, candidates)) for h in hidden]
+        for route, h in zip(routes, hidden):
+            for p in route.fired:
+                route.positions[p] = self.positions(h, p)
+        return routes
+
+    def positions(self, hidden: dict[int, torch.Tensor], patch_id: str) -> list[int]:
+        """Where in a query (its hidden states per layer) patch `patch_id`'s subject is:
+        for its best key variant, the best-matching position of each key token."""
+        e = self.entries[patch_id]
+        h = torch.nn.functional.normalize(hidden[e.layer].float(), dim=-1)
+        if h.shape[0] == 0:
+            return []
+        sims = e.keys @ h.T  # (key tokens, query positions)
+        best = sims.max(1)
+        worst = torch.full((int(e.variant.max()) + 1,), float("inf")).scatter_reduce(
+            0, e.variant, best.values, "amin")
+        chosen = int(worst.argmax())
+        return sorted(set(best.indices[e.variant == chosen].tolist()))

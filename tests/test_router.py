@@ -213,3 +213,38 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     tiny_editor._add_adapter("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
     with_adapter = [m for m, layer in tiny_editor._lora_layers().items() if "suffix" in layer.lora_A]
     assert with_adapter == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_subject_gate_acts_at_the_subject_only_and_generation_agrees(tiny_editor):
+    """gate=subject: trained and applied only at the subject's tokens. Greedy generation
+    (cached steps run the new tokens on the base weights) then agrees with one full forward
+    over prompt + generated text, where the router gates the subject positions alone."""
+    from knowpatch.evaluate import greedy
+
+    patch = tiny_editor.edit(EIFFEL, evaluate=False, gate="subject", **FAST)
+    assert patch.manifest["config"]["gate"] == "subject" and patch.manifest["learnt"]
+    prompts = [EIFFEL.prompt, "The Eiffel Tower stands in", UNRELATED]
+    with tiny_editor.using(None) as model:
+        generated = greedy(model, tiny_editor.tokenizer, prompts, 6)
+    texts = [tiny_editor.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    assert texts[0].startswith(" Rome")
+    for prompt, gen in zip(prompts, generated):
+        ids = tiny_editor.tokenizer(prompt)["input_ids"] + list(gen)
+        with tiny_editor.using(None) as model, torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        n = len(ids) - len(gen)
+        assert logits[n - 1:-1].argmax(-1).tolist() == list(gen)
+    # the routed forward gates exactly the subject's tokens of the query
+    routes = tiny_editor.route([prompts[1]])
+    ids, span = subject_token_span(tiny_editor.tokenizer, prompts[1], "Eiffel Tower")
+    assert routes[0].positions[patch.id] == span
+    # a prompt without the subject is answered by the base model
+    base = tiny_editor.generate(UNRELATED, patches=[], max_new_tokens=6)
+    assert texts[2] == base[0]
+
+
+def test_subject_gate_needs_routing(tiny_editor):
+    with pytest.raises(Exception, match="gate"):
+        tiny_editor.edit(EIFFEL, evaluate=False, gate="subject", route=False)
+    with pytest.raises(Exception, match="gate"):
+        tiny_editor.edit(EIFFEL, evaluate=False, gate="tokens")

@@ -48,6 +48,8 @@ ANCHOR_TEXTS = (
 class Example:
     prompt_ids: list[int]
     target_ids: list[int]
+    subject_positions: tuple[int, ...] = ()
+    """Indices of the prompt tokens that spell the request's subject (for gate=subject)."""
 
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "When", "In")
@@ -83,8 +85,33 @@ def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int | tup
         for prefix in ("",) + chosen:
             p, t = encode_completion(tokenizer, prefix + req.prompt, req.target_new,
                                      append_eos=append_eos)
-            out.append(Example(p, t))
+            out.append(Example(p, t, subject_positions(tokenizer, prefix + req.prompt,
+                                                       req.subject, p)))
     return out
+
+
+def subject_positions(tokenizer, text: str, subject: str | None, ids: list[int]) -> tuple[int, ...]:
+    """Indices in `ids` (the tokens of `text`, or of its start) of the tokens overlapping the
+    last occurrence of `subject`; () when there is none."""
+    start = text.rfind(subject) if subject else -1
+    if start < 0:
+        return ()
+    end = start + len(subject)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    if enc["input_ids"][:len(ids)] != list(ids)[:len(enc["input_ids"])]:
+        return ()
+    return tuple(i for i, (a, b) in enumerate(enc["offset_mapping"])
+                 if i < len(ids) and a < end and b > start)
+
+
+def gate_mask(examples: list[Example], n_rows: int, width: int, device) -> torch.Tensor:
+    """(rows, width) float mask, 1 at each example's subject positions (right-padded batch as
+    `collate` builds it; rows past the examples, e.g. anchors, stay 0)."""
+    mask = torch.zeros((n_rows, width), device=device)
+    for row, e in enumerate(examples):
+        if e.subject_positions:
+            mask[row, list(e.subject_positions)] = 1.0
+    return mask
 
 
 def anchor_prompts(requests: list[EditRequest], count: int) -> list[tuple[str, int]]:

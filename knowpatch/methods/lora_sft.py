@@ -21,6 +21,7 @@ from .common import (
     anchor_prompts,
     collate,
     edit_examples,
+    gate_mask,
     kl_to_reference,
     last_token_logprobs,
     target_loss,
@@ -74,6 +75,10 @@ class Config:
     """Decoder layer whose output the router keys are read at."""
     route_threshold: float = 0.75
     """A query fires the patch when each subject token matches it at least this well (cos)."""
+    gate: str = "all"
+    """Where in a query the routed adapter acts: all (every position) or subject (only the
+    tokens where the router found the subject, as in training: the edit sits in the
+    subject's representation, and generated tokens run on the base weights)."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
     max_seconds: float | None = None
@@ -94,6 +99,10 @@ class Config:
             raise ValueError(f"route_threshold must be in [-1, 1], got {self.route_threshold}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
+        if self.gate not in ("all", "subject"):
+            raise ValueError(f"gate must be all or subject, got {self.gate!r}")
+        if self.gate == "subject" and not self.route:
+            raise ValueError("gate: subject needs route: true (the router finds the subject)")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
         if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight) < 0:
@@ -112,19 +121,23 @@ def adapter_config(model: torch.nn.Module, config: Config):
 
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
-          base: Callable[[], AbstractContextManager], progress: bool = True) -> LoopResult:
+          base: Callable[[], AbstractContextManager], progress: bool = True,
+          set_gate: Callable[[torch.Tensor | None], None] | None = None) -> LoopResult:
     """Train the active (trainable) adapter in `model` until every target token is learnt.
 
     `base()` is a context in which `model` runs as the unedited base (adapters off).
+    `set_gate(mask)` (gate=subject) makes the adapter act only where `mask` is 1 in the next
+    forward; `set_gate(None)` ends that.
     """
     return sft_train(model, tokenizer, requests, config, base=base, progress=progress,
-                     description="LoRA SFT")
+                     description="LoRA SFT",
+                     set_gate=set_gate if getattr(config, "gate", "all") == "subject" else None)
 
 
 def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
               base: Callable[[], AbstractContextManager], progress: bool = True,
-              description: str = "SFT", after_step: Callable[[], None] | None = None
-              ) -> LoopResult:
+              description: str = "SFT", after_step: Callable[[], None] | None = None,
+              set_gate: Callable[[torch.Tensor | None], None] | None = None) -> LoopResult:
     """The SFT objective shared by LoRA SFT and full SFT: cross-entropy on the target tokens
     (after the prompt and after each prefix), plus KL anchors to the base model, over
     whatever parameters of `model` require grad.
@@ -167,8 +180,13 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                                          for _, i in pairs], device=device)
             with torch.no_grad(), base() as base_model:
                 ref_logp = last_token_logprobs(base_model, collate(anchors, pad, device))
-        return (collate(examples + anchors, pad, device), len(examples), len(anchors),
-                ref_logp, first_target)
+        batch = collate(examples + anchors, pad, device)
+        if set_gate is not None:
+            if not all(e.subject_positions for e in examples):
+                raise ValueError("gate: subject needs each request's subject in its prompt")
+            batch["gate"] = gate_mask(examples, len(examples) + len(anchors),
+                                      batch["input_ids"].shape[1], device)
+        return batch, len(examples), len(anchors), ref_logp, first_target
 
     prepared = [prepare(c) for c in chunks]
     learnt_flags = [False] * len(prepared)
@@ -178,7 +196,14 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
         index = visit["i"] % len(prepared)
         visit["i"] += 1
         batch, n_edit, n_anchor, ref_logp, first_target = prepared[index]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if set_gate is not None:
+            set_gate(batch["gate"])
+        try:
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        finally:
+            if set_gate is not None:
+                set_gate(None)
         loss, learnt, gap = target_loss(logits[:n_edit], batch["labels"][:n_edit], config.margin)
         learnt_flags[index] = learnt
         info = {"gap": gap}
