@@ -80,6 +80,7 @@ class Editor:
         self._gated: set[str] = set()  # patches whose adapter acts at subject tokens only
         self._row_gates: dict[str, torch.Tensor] = {}  # per fired gated patch: (rows, seq)
         self._prefill_len = -1  # sequence length of the routed (prefill) forward
+        self._prefill = True  # the running forward is a new sequence, not a cached step
         self._train_gate: tuple[str, torch.Tensor] | None = None  # gate=subject training
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
         self._deltas_on: list[str] = []  # delta patches currently added to the weights
@@ -236,7 +237,7 @@ class Editor:
         plan = self._row_plan
         if not plan:
             return output
-        prefill = x.shape[1] == self._prefill_len
+        prefill = self._prefill and x.shape[1] == self._prefill_len
         gates = self._row_gates if prefill else {}
         if not prefill and self._row_gates:
             plan = {a: rows for a, rows in plan.items() if a not in self._row_gates}
@@ -283,7 +284,9 @@ class Editor:
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values", kwargs.get("cache"))  # the name varies by version
         if ids is None or (past is not None and past.get_seq_length() > 0):
+            self._prefill = False  # a cached generation step: gated adapters stay off
             return None
+        self._prefill = True
         mask = kwargs.get("attention_mask")
         if mask is not None:
             mask = mask[:, -ids.shape[1]:]
