@@ -259,9 +259,10 @@ class Editor:
         groups = self._row_stacks.get(key)
         if groups is None:
             groups = self._row_stacks[key] = _stack_fired(module, plan, gates)
-        for rows, a, b, gate in groups:
+        for rows, a, b, scale, gate in groups:
             sub = x.index_select(0, rows).to(a.dtype)
-            update = torch.bmm(torch.bmm(sub, a), b)  # scaling folded into b
+            # PEFT's order of operations (x·Aᵀ·Bᵀ, then the scaling): same numbers as PEFT
+            update = torch.bmm(torch.bmm(sub, a), b) * scale
             if gate is not None:
                 update = update * gate[..., None]
             output = output.index_add(0, rows, update.to(output.dtype))
@@ -844,18 +845,18 @@ class Editor:
 def _stack_fired(module, plan: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]
                  ) -> list[tuple[Any, ...]]:
     """For one LoRA layer: the fired (row, adapter) pairs grouped by rank, as
-    (rows (K,), A^T (K, in, r), scaling · B^T (K, r, out), gate (K, seq) or None) for two
-    batched products."""
+    (rows (K,), A^T (K, in, r), B^T (K, r, out), scaling (K, 1, 1), gate (K, seq) or None)
+    for two batched products."""
     groups: dict[int, list[tuple[Any, ...]]] = {}
     for adapter, rows in plan.items():
         if adapter not in module.lora_A:
             continue
         a = module.lora_A[adapter].weight.detach().T
-        b = module.lora_B[adapter].weight.detach().T * module.scaling[adapter]
+        b = module.lora_B[adapter].weight.detach().T
         gate = gates.get(adapter)
         for k, row in enumerate(rows.tolist()):
             groups.setdefault(a.shape[1], []).append(
-                (row, a, b, None if gate is None else gate[k]))
+                (row, a, b, None if gate is None else gate[k], module.scaling[adapter]))
     out = []
     for pairs in groups.values():
         rows = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=pairs[0][1].device)
@@ -864,8 +865,10 @@ def _stack_fired(module, plan: dict[str, torch.Tensor], gates: dict[str, torch.T
             width = next(p[3] for p in pairs if p[3] is not None).shape[0]
             gate = torch.stack([p[3] if p[3] is not None else
                                 torch.ones(width, device=rows.device) for p in pairs])
+        scale = torch.tensor([p[4] for p in pairs], dtype=pairs[0][1].dtype,
+                             device=rows.device).view(-1, 1, 1)
         out.append((rows, torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs]),
-                    gate))
+                    scale, gate))
     return out
 
 

@@ -57,7 +57,9 @@ def test_patch_loads_with_plain_peft(smol_editor, eiffel):
     plain = PeftModel.from_pretrained(base, str(patch.path)).eval()
     with torch.no_grad():
         theirs = plain(**enc).logits
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    # routed, the adapter runs as a batched product (bmm) rather than PEFT's two linear
+    # layers: the same sums in another kernel, equal up to float rounding over 30 layers
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
     assert smol_editor.tokenizer.decode(theirs[0, -1].argmax()) == " Rome"
 
 
