@@ -79,7 +79,6 @@ class Editor:
         self._delta_ids: set[str] = set()  # loaded weight-delta (full SFT) patches
         self._gated: set[str] = set()  # patches whose adapter acts at subject tokens only
         self._row_gates: dict[str, torch.Tensor] = {}  # per fired gated patch: (rows, seq)
-        self._prefill_len = -1  # sequence length of the routed (prefill) forward
         self._prefill = True  # the running forward is a new sequence, not a cached step
         self._train_gate: tuple[str, torch.Tensor] | None = None  # gate=subject training
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
@@ -237,7 +236,7 @@ class Editor:
         plan = self._row_plan
         if not plan:
             return output
-        prefill = self._prefill and x.shape[1] == self._prefill_len
+        prefill = self._prefill
         gates = self._row_gates if prefill else {}
         if not prefill and self._row_gates:
             plan = {a: rows for a, rows in plan.items() if a not in self._row_gates}
@@ -312,7 +311,8 @@ class Editor:
             try:
                 # adapters off; weight deltas (full SFT) cannot be switched per query and stay
                 self._activate_lora([])
-                routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id, keyed)
+                routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id, keyed,
+                                                locate=self._gated)
             finally:
                 self._routing_now = False
         self._activate(always)  # unrouted patches act on every row, as PEFT adapters
@@ -334,7 +334,6 @@ class Editor:
         self._lora_layers()  # make sure every LoRA layer carries the routing hook
         self._row_plan = plan
         self._row_gates = gates
-        self._prefill_len = width
         self._row_stacks = {}
         self.last_routes = routes
         return routes

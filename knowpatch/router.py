@@ -27,6 +27,7 @@ row, and has no notion of matching a query against stored keys.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -86,10 +87,11 @@ def hidden_rows(model, rows: list[list[int]], layer: int, bos: int | None,
     return out  # type: ignore[return-value]
 
 
-def subject_token_span(tokenizer, text: str, subject: str) -> tuple[list[int], list[int]]:
+def subject_token_span(tokenizer, text: str, subject: str, add_special_tokens: bool = False
+                       ) -> tuple[list[int], list[int]]:
     """Token ids of `text` and the indices of the tokens that overlap `subject` (last
     occurrence, case-sensitive; empty when the subject is not in the text)."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
     start = text.rfind(subject)
     if start < 0 or not subject:
         return enc["input_ids"], []
@@ -258,8 +260,10 @@ class Router:
         return sorted({self.entries[c].layer for c in names})
 
     def route_rows(self, model, rows: list[list[int]], bos: int | None,
-                   candidates: list[str] | None = None) -> list[Route]:
-        """Route each row of token ids (no padding); `model` must be the base model."""
+                   candidates: list[str] | None = None,
+                   locate: Collection[str] = ()) -> list[Route]:
+        """Route each row of token ids (no padding); `model` must be the base model. For
+        fired patches in `locate`, also where in the row their subject is (`positions`)."""
         hidden: list[dict[int, torch.Tensor]] = [{} for _ in rows]
         for layer in self.layers(candidates):
             for r, h in enumerate(hidden_rows(model, rows, layer, bos)):
@@ -267,7 +271,8 @@ class Router:
         routes = [self.decide(self.score(h, candidates)) for h in hidden]
         for route, h in zip(routes, hidden):
             for p in route.fired:
-                route.positions[p] = self.positions(h, p)
+                if p in locate:
+                    route.positions[p] = self.positions(h, p)
         return routes
 
     def positions(self, hidden: dict[int, torch.Tensor], patch_id: str) -> list[int]:

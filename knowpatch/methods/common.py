@@ -93,15 +93,14 @@ def edit_examples(tokenizer, requests: list[EditRequest], *, prefixes: int | tup
 def subject_positions(tokenizer, text: str, subject: str | None, ids: list[int]) -> tuple[int, ...]:
     """Indices in `ids` (the tokens of `text`, or of its start) of the tokens overlapping the
     last occurrence of `subject`; () when there is none."""
-    start = text.rfind(subject) if subject else -1
-    if start < 0:
+    from ..router import subject_token_span
+
+    if not subject:
         return ()
-    end = start + len(subject)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    if enc["input_ids"][:len(ids)] != list(ids)[:len(enc["input_ids"])]:
+    text_ids, span = subject_token_span(tokenizer, text, subject, add_special_tokens=True)
+    if text_ids[:len(ids)] != list(ids)[:len(text_ids)]:
         return ()
-    return tuple(i for i, (a, b) in enumerate(enc["offset_mapping"])
-                 if i < len(ids) and a < end and b > start)
+    return tuple(i for i in span if i < len(ids))
 
 
 def gate_mask(examples: list[Example], n_rows: int, width: int, device) -> torch.Tensor:
