@@ -28,7 +28,7 @@ import torch
 from .datasets import Case, load_cases
 from .editor import Editor, peak_rss_mb
 from .errors import KnowpatchError
-from .evaluate import SCORE_KEYS, Reference, _starts, evaluate, greedy, harmonic
+from .evaluate import SCORE_KEYS, Reference, _starts, evaluate, greedy, harmonic, summarize
 from .fluency import fluency
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 MODES = ("single", "batch", "sequential")
 STRATEGIES = ("stack", "shared", "routed")
 SUMMARY_KEYS = SCORE_KEYS + ("fluency", "multihop")
+SCORE_CHUNK = 16
+"""Cases scored in one `evaluate` call when a whole run is scored at once (the unedited
+baseline and the re-scoring after the last edit of a sequential run): their prompts run in
+shared batches instead of one small batch per case."""
 
 
 @dataclass
@@ -167,6 +171,34 @@ class Bench:
                                  if fluency_on else None)
         return scores, ev.reference
 
+    def _score_many(self, cases: list[Case], refs: dict[str, Reference] | None,
+                    patches: list[Patch] | None, fluency_on: list[bool], bar=None
+                    ) -> list[tuple[dict[str, Any], Reference]]:
+        """`_score` for many cases, SCORE_CHUNK cases per `evaluate` call. The chunks are
+        always cut the same way from `cases`, so the baseline and the final scoring run every
+        prompt in the same batch (with routing, a row no patch fires on then gives the base
+        model's outputs bit for bit)."""
+        ed = self.editor
+        out: list[tuple[dict[str, Any], Reference]] = []
+        with ed.using(patches) as model:
+            for start in range(0, len(cases), SCORE_CHUNK):
+                chunk = cases[start:start + SCORE_CHUNK]
+                requests = [r for c in chunk for r in c.requests]
+                ref = None if refs is None else _join_refs([refs[c.case_id] for c in chunk])
+                ev = evaluate(model, ed.tokenizer, requests, ref)
+                i = 0
+                for j, case in enumerate(chunk):
+                    n = len(case.requests)
+                    scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
+                    scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
+                    scores["fluency"] = (fluency(model, ed.tokenizer, case.generation_prompts,
+                                                 self.s.seed) if fluency_on[start + j] else None)
+                    out.append((scores, _slice_ref(ev.reference, i, i + n)))
+                    i += n
+                if bar is not None:
+                    bar.relabel_count(len(out), len(cases))
+        return out
+
     def _edit(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
         started = time.perf_counter()
         patch = self.editor.edit(requests, method=self.s.method, config=self.s.method_config,
@@ -197,7 +229,7 @@ class Bench:
                         bar.advance(rows)
         finally:
             bar.stop()
-        report = self.report(rows)
+        report = self.report(rows, cases)
         return report
 
     def _group(self, group: list[Case], index: int) -> list[dict[str, Any]]:
@@ -237,10 +269,13 @@ class Bench:
                 ed.apply(Patch.load(patch_dir / r["patch_id"]))
         if rows and self.s.strategy == "shared":
             shared = ed.apply(Patch.load(patch_dir / "shared"))
+        flags = [bool(self.s.fluency_every) and i % self.s.fluency_every == 0
+                 for i in range(len(cases))]
+        bar.relabel("scoring the unedited model")
+        for case, (scores, ref) in zip(cases, self._score_many(cases, None, [], flags, bar)):
+            base[case.case_id], refs[case.case_id] = scores, ref
         for index, case in enumerate(cases):
-            fl = bool(self.s.fluency_every) and index % self.s.fluency_every == 0
-            with ed.using([]):
-                base[case.case_id], refs[case.case_id] = self._score(case, None, [], fl)
+            fl = flags[index]
             if case.case_id in done:
                 continue
             patch, seconds = self._edit(case.requests, into=shared)
@@ -258,12 +293,10 @@ class Bench:
             bar.advance(rows)
         # after the last edit: every case again, with everything applied
         final_file = self.out / "final.jsonl"
-        final_rows = []
         bar.relabel("re-scoring after the last edit")
-        for case in cases:
-            fl = base[case.case_id]["fluency"] is not None
-            scores, _ = self._score(case, refs[case.case_id], None, fl)
-            final_rows.append({"case_id": case.case_id, "final": scores})
+        final = self._score_many(cases, refs, None, flags, bar)  # all applied patches
+        final_rows = [{"case_id": case.case_id, "final": scores}
+                      for case, (scores, _) in zip(cases, final)]
         final_file.write_text("".join(json.dumps(r) + "\n" for r in final_rows))
         by_id = {r["case_id"]: r["final"] for r in final_rows}
         for r in rows:
@@ -281,11 +314,13 @@ class Bench:
         }
 
     # ---- report -----------------------------------------------------------------------
-    def report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def report(self, rows: list[dict[str, Any]], cases: list[Case] | None = None) -> dict[str, Any]:
         sequential = self.s.mode == "sequential"
         after = [r.get("final") or r["scores"] for r in rows] if sequential else [r["scores"] for r in rows]
         edit_s = [r["edit_seconds"] for r in rows]
         summary = summarize_rows(after)
+        if sequential and cases:
+            summary.update(loc_without_edited_subjects(rows, cases))
         summary.update({
             "s_per_edit_median": _round(statistics.median(edit_s)) if edit_s else None,
             "s_per_edit_p90": _round(_quantile(edit_s, 0.9)) if edit_s else None,
@@ -316,8 +351,32 @@ NOTES = (
     "continuation with the unedited model's own. score = harmonic mean of rel, gen, loc (over "
     "those present); S = harmonic mean of es, ps, ns. s_per_edit is the wall time of the edit "
     "alone (training, adapter creation), not of evaluation. In sequential mode, summary is "
-    "measured after the last edit and summary_immediate right after each case's own edit."
+    "measured after the last edit and summary_immediate right after each case's own edit; "
+    "loc_clean is loc (after the last edit) over the cases none of whose locality prompts "
+    "names a subject edited in the run (loc_clean_n of them): a locality prompt about an "
+    "edited subject may rightly change (another case edits that very fact). score uses loc, "
+    "not loc_clean."
 )
+
+
+def loc_without_edited_subjects(rows: list[dict[str, Any]], cases: list[Case]) -> dict[str, Any]:
+    """loc after the last edit over the cases whose locality prompts name no subject that a
+    case of the run edits (whole words, case-sensitive), and how many such cases there are.
+    In a sequential run a locality prompt can be about a subject another case edits (on
+    EasyEdit's CounterFact file, "Windows 98, a product of" is one case's locality prompt and
+    another case's edit): its answer may rightly change, and loc counts that as a failure."""
+    import re
+
+    subjects = sorted({r.subject for c in cases for r in c.requests if r.subject}, key=len,
+                      reverse=True)
+    if not subjects:
+        return {"loc_clean": None, "loc_clean_n": 0}
+    named = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, subjects)) + r")(?!\w)")
+    clean = {c.case_id for c in cases
+             if not any(named.search(p.prompt) for r in c.requests for p in r.locality)}
+    vals = [s["loc"] for r in rows if r["case_id"] in clean
+            for s in [r.get("final") or r["scores"]] if s.get("loc") is not None]
+    return {"loc_clean": _round(sum(vals) / len(vals)) if vals else None, "loc_clean_n": len(vals)}
 
 
 def summarize_rows(scores: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -330,6 +389,19 @@ def summarize_rows(scores: list[dict[str, Any]]) -> dict[str, float | None]:
     out["score"] = _round(harmonic([out["rel"], out["gen"], out["loc"]]))
     out["S"] = _round(harmonic([out["es"], out["ps"], out["ns"]]))
     return {k: out[k] for k in SUMMARY_KEYS}
+
+
+def _join_refs(refs: list[Reference]) -> Reference:
+    """One reference for several cases' requests, in order."""
+    return Reference(loc_continuations=[x for r in refs for x in r.loc_continuations],
+                     loc_argmax=[x for r in refs for x in r.loc_argmax],
+                     loc_answers=[x for r in refs for x in r.loc_answers])
+
+
+def _slice_ref(ref: Reference, start: int, stop: int) -> Reference:
+    """The part of `ref` for requests start..stop-1."""
+    return Reference(loc_continuations=ref.loc_continuations[start:stop],
+                     loc_argmax=ref.loc_argmax[start:stop], loc_answers=ref.loc_answers[start:stop])
 
 
 def _round(x: float | None, nd: int = 2) -> float | None:
@@ -427,6 +499,7 @@ class _Bar:
 
     def __init__(self, total: int, done: int, enabled: bool):
         self.progress = None
+        self.label = "bench"
         if not enabled:
             return
         from rich.console import Console
@@ -446,8 +519,14 @@ class _Bar:
         self.progress.update(self.task, completed=len(rows), description=f"bench {desc}")
 
     def relabel(self, text: str) -> None:
+        self.label = text
         if self.progress is not None:
             self.progress.update(self.task, description=text)
+
+    def relabel_count(self, done: int, total: int) -> None:
+        """Show how far a whole-run scoring pass is (`done` of `total` cases)."""
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"{self.label}: {done}/{total} cases")
 
     def stop(self) -> None:
         if self.progress is not None:

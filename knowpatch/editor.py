@@ -17,7 +17,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class Editor:
         self._train_gate: tuple[str, torch.Tensor] | None = None  # gate=subject training
         self._originals: dict[str, torch.Tensor] = {}  # weights a loaded delta patch touches
         self._deltas_on: list[str] = []  # delta patches currently added to the weights
+        self._trainable: set[str] = set()  # adapters whose weights require grad (at most the one training)
         model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
 
     # ---- construction -------------------------------------------------------------
@@ -120,10 +121,17 @@ class Editor:
         if self._peft is None:
             self._peft = get_peft_model(self.model, config, adapter_name=name)
         elif self._add_adapter_fast(name, config):
+            self._set_requires_grad([name], False)  # created trainable; frozen until it trains
             return
         else:
             self._peft.add_adapter(name, config)
         self._lora_layer_cache = None  # the adapter may target layers no other did
+        # PEFT's paths leave some adapters trainable: freeze all (these paths walk every
+        # adapter anyway); the editor makes trainable exactly the adapter being trained
+        for layer in self._lora_layers().values():
+            for part in (layer.lora_A, layer.lora_B):
+                part.requires_grad_(False)
+        self._trainable = set()
         # PEFT creates its layers in training mode; the model answers queries in eval mode
         # (a LoRA dropout must not act at inference). Training switches its adapter's on.
         for layer in self._lora_layers().values():
@@ -180,15 +188,17 @@ class Editor:
             return False
         return True
 
-    def _adapter_weights(self, name: str) -> dict[str, torch.Tensor]:
+    def _adapter_weights(self, name: str, copy: bool = True) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights under PEFT's state-dict keys (what
-        `get_peft_model_state_dict` returns, without its walk over every adapter's tensors)."""
+        `get_peft_model_state_dict` returns, without its walk over every adapter's tensors).
+        `copy=False`: the adapter's own tensors (detached, same storage), not copies."""
         out = {}
         for module_name, layer in self._lora_layers().items():
             if name in layer.lora_A:
                 prefix = f"base_model.model.{module_name}"
-                out[f"{prefix}.lora_A.weight"] = layer.lora_A[name].weight.detach().clone()
-                out[f"{prefix}.lora_B.weight"] = layer.lora_B[name].weight.detach().clone()
+                for part in ("lora_A", "lora_B"):
+                    weight = getattr(layer, part)[name].weight.detach()
+                    out[f"{prefix}.{part}.weight"] = weight.clone() if copy else weight
         return out
 
     @torch.no_grad()
@@ -370,6 +380,9 @@ class Editor:
         except KnowpatchError as e:
             self._unload_adapter(patch.id)
             raise KnowpatchError(f"patch {patch.id}: {e}") from None
+        # the patch's weights become the adapter's own tensors: a loaded patch is held in
+        # memory once, not twice (1,000 loaded patches: 2 GB less)
+        patch.weights = self._adapter_weights(patch.id, copy=False)
         self._loaded[patch.id] = patch
         self._register_keys(patch)
         return patch.id
@@ -447,10 +460,34 @@ class Editor:
                 layer._active_adapter = names
         if trainable:  # exactly the adapters being trained get gradients
             wanted = set(names)
-            for layer in self._lora_layers().values():
-                for part in (layer.lora_A, layer.lora_B):
-                    for adapter, sub in part.items():
-                        sub.weight.requires_grad_(adapter in wanted)
+            self._set_requires_grad(self._trainable - wanted, False)
+            self._set_requires_grad(wanted, True)
+
+    def _set_requires_grad(self, names: Collection[str], value: bool) -> None:
+        """requires_grad of adapters `names` only. Written by hand: PEFT's set_adapter sets
+        it on every adapter of every layer, a pass that grows with the store (seen as a
+        ~25 % rise of the seconds per edit from 0 to 1,000 loaded patches); the editor keeps
+        every adapter frozen except the one it trains, so only the changed ones are touched."""
+        if not names:
+            return
+        for layer in self._lora_layers().values():
+            for name in names:
+                if name in layer.lora_A:
+                    layer.lora_A[name].requires_grad_(value)
+                    layer.lora_B[name].requires_grad_(value)
+        if value:
+            self._trainable |= set(names)
+        else:
+            self._trainable -= set(names)
+
+    def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter `name` (what its training optimises), found per LoRA
+        layer rather than by a walk over every parameter of the model and its adapters."""
+        out: list[torch.nn.Parameter] = []
+        for layer in self._lora_layers().values():
+            if name in layer.lora_A:
+                out += [*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()]
+        return out
 
     def _lora_layers(self) -> dict[str, Any]:
         """{module name in the model: PEFT LoRA layer}, cached until a layer may appear or
@@ -653,6 +690,7 @@ class Editor:
             self._activate([patch_id], trainable=True)
             started = time.perf_counter()
             self._dropout_mode(patch_id, True)
+            options = {**options, "params": self._adapter_params(patch_id)}
             if getattr(cfg, "gate", "all") == "subject":
                 options = {**options, "set_gate": self._gate_setter(patch_id)}
             try:
@@ -664,7 +702,8 @@ class Editor:
                 self._train_gate = None
             seconds = time.perf_counter() - started
             self._activate([patch_id])
-            weights = self._adapter_weights(patch_id)
+            self._set_requires_grad([patch_id], False)
+            weights = self._adapter_weights(patch_id, copy=False)  # the patch shares them
         except BaseException:
             if into is None:
                 self._unload_adapter(patch_id)
@@ -715,6 +754,7 @@ class Editor:
     def _unload_adapter(self, name: str) -> None:
         """Delete adapter `name` from every LoRA layer (each layer's own delete, not PEFT's
         model-wide one, which walks every module of every adapter)."""
+        self._trainable.discard(name)
         for layer in self._lora_layers().values():
             active = [a for a in layer.active_adapters if a != name]
             layer._active_adapter = active  # never hand PEFT a deleted active adapter

@@ -67,7 +67,14 @@ def run_loop(
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    # One plain process (no mixed precision, nothing distributed): preparing the model does
+    # nothing for it but `verify_device_map`, a walk over every module — every loaded
+    # adapter's too (1.1 s per edit with 1,000 patches loaded, profiled). Skipped there.
+    plain = _plain(accelerator)
+    if plain:
+        prepared, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
     losses: list[float] = []
     start = time.perf_counter()
     learnt = False
@@ -102,7 +109,11 @@ def run_loop(
         if progress:
             progress.stop()
         optimizer.zero_grad(set_to_none=True)
-        accelerator.free_memory()
+        # free_memory() ends in gc.collect(), a full collection whose cost grows with every
+        # live object (0.56 s per edit with 1,000 patches loaded, profiled); one plain
+        # process needs none of it (the accelerator and its references die with this call)
+        if not plain:
+            accelerator.free_memory()
     return LoopResult(steps=steps, learnt=learnt, seconds=time.perf_counter() - start,
                       losses=losses)
 
@@ -116,6 +127,14 @@ def _agree(accelerator: Accelerator, loss: torch.Tensor, learnt: bool) -> tuple[
                                                                 device=loss.device)])
     total = accelerator.reduce(both, reduction="sum")
     return float(total[0]) / accelerator.num_processes, bool(total[1] == 0)
+
+
+def _plain(accelerator: Accelerator) -> bool:
+    """One process, no mixed precision, no distributed engine."""
+    from accelerate.utils import DistributedType
+
+    return (accelerator.num_processes == 1 and accelerator.mixed_precision == "no"
+            and accelerator.distributed_type == DistributedType.NO)
 
 
 def _on_gpu(model: torch.nn.Module) -> bool:

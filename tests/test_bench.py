@@ -122,3 +122,41 @@ def test_cli_bench_and_compare(tiny_dir, tmp_path):
     bad = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--data", str(tmp_path / "x.json"),
                               "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "no such file" in bad.stderr
+
+
+def test_loc_without_edited_subjects_leaves_out_cases_about_edited_subjects():
+    from knowpatch.bench import loc_without_edited_subjects
+    from knowpatch.datasets import Case
+    from knowpatch.requests import EditRequest
+
+    def case(cid, subject, locality):
+        return Case(cid, [EditRequest(f"{subject} is in", "X", subject=subject, locality=[locality])])
+
+    cases = [case("a", "Windows 98", "Nissan Primera P12 is produced by"),
+             case("b", "Nissan Primera", "Windows 98, a product of"),  # names a's subject
+             case("c", "Lyon", "Lyonnais cooking is"),  # "Lyon" only inside a word: kept
+             case("d", "Bay", "The capital of Peru is")]
+    rows = [{"case_id": c, "scores": {"loc": 0.0}, "final": {"loc": v}}
+            for c, v in (("a", 0.0), ("b", 0.0), ("c", 100.0), ("d", 50.0))]
+    # a names "Nissan Primera" (whole words, followed by " P12"); b names "Windows 98"
+    assert loc_without_edited_subjects(rows, cases) == {"loc_clean": 75.0, "loc_clean_n": 2}
+
+
+def test_whole_run_scoring_matches_case_by_case(tiny_editor, tmp_path):
+    """The unedited baseline scored SCORE_CHUNK cases per batch gives each case's own scores."""
+    from knowpatch.datasets import load_cases
+
+    bench = _bench(tiny_editor, tmp_path, n=3)
+    cases = load_cases(bench.s.data, None, 3)
+    together = bench._score_many(cases, None, [], [False] * 3)
+    for case, (scores, ref) in zip(cases, together):
+        alone, own = bench._score(case, None, [], False)
+        assert scores == alone
+        assert ref.loc_continuations == own.loc_continuations
+
+
+def test_sequential_routed_reports_loc_without_edited_subjects(tiny_editor, tmp_path):
+    report = _bench(tiny_editor, tmp_path, mode="sequential", strategy="routed", n=2).run()
+    assert "loc_clean" in report["summary"] and report["summary"]["loc_clean_n"] <= 2
+    final = [json.loads(x) for x in (tmp_path / "final.jsonl").read_text().splitlines()]
+    assert [f["case_id"] for f in final] == [r["case_id"] for r in _rows(tmp_path)]

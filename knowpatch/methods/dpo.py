@@ -167,17 +167,19 @@ def rejected_answers(model, tokenizer, requests: list[EditRequest]) -> list[str]
 
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
-          base: Callable[[], AbstractContextManager], progress: bool = True, pairs: bool = False):
+          base: Callable[[], AbstractContextManager], progress: bool = True, pairs: bool = False,
+          params: list[torch.nn.Parameter] | None = None):
     """Train until learnt. `pairs`: the requests are preference pairs (behaviour edits)
-    rather than fact edits. LoRA: returns the loop result; full: (result, deltas)."""
+    rather than fact edits. LoRA: returns the loop result; full: (result, deltas).
+    `params` (LoRA): the adapter's parameters (None: those of `model` that require grad)."""
     if config.train == "full":
         return full_sft.train_full(model, config, lambda after_step: _train(
             model, tokenizer, requests, config, base, progress, pairs, after_step))
-    return _train(model, tokenizer, requests, config, base, progress, pairs, None)
+    return _train(model, tokenizer, requests, config, base, progress, pairs, None, params)
 
 
 def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
-           after_step) -> LoopResult:
+           after_step, params=None) -> LoopResult:
     from accelerate import Accelerator
 
     device = next(model.parameters()).device
@@ -226,7 +228,8 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
                 learnt = bool((config.beta * h >= config.pref_margin).all())
         return StepOutput(loss=loss, learnt=learnt, info=info)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
                             max_seconds=config.max_seconds, progress=progress,
                             description=f"DPO ({config.loss})", after_step=after_step)

@@ -122,22 +122,25 @@ def adapter_config(model: torch.nn.Module, config: Config):
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
           base: Callable[[], AbstractContextManager], progress: bool = True,
-          set_gate: Callable[[torch.Tensor | None], None] | None = None) -> LoopResult:
+          set_gate: Callable[[torch.Tensor | None], None] | None = None,
+          params: list[torch.nn.Parameter] | None = None) -> LoopResult:
     """Train the active (trainable) adapter in `model` until every target token is learnt.
 
     `base()` is a context in which `model` runs as the unedited base (adapters off).
+    `params`: the adapter's parameters (None: those of `model` that require grad).
     `set_gate(mask)` (gate=subject) makes the adapter act only where `mask` is 1 in the next
     forward; `set_gate(None)` ends that.
     """
     return sft_train(model, tokenizer, requests, config, base=base, progress=progress,
-                     description="LoRA SFT",
+                     description="LoRA SFT", params=params,
                      set_gate=set_gate if getattr(config, "gate", "all") == "subject" else None)
 
 
 def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
               base: Callable[[], AbstractContextManager], progress: bool = True,
               description: str = "SFT", after_step: Callable[[], None] | None = None,
-              set_gate: Callable[[torch.Tensor | None], None] | None = None) -> LoopResult:
+              set_gate: Callable[[torch.Tensor | None], None] | None = None,
+              params: list[torch.nn.Parameter] | None = None) -> LoopResult:
     """The SFT objective shared by LoRA SFT and full SFT: cross-entropy on the target tokens
     (after the prompt and after each prefix), plus KL anchors to the base model, over
     whatever parameters of `model` require grad.
@@ -220,7 +223,8 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                 loss = loss + config.spill_weight * rise.mean()
         return StepOutput(loss=loss, learnt=all(learnt_flags), info=info)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
                             max_seconds=config.max_seconds, progress=progress,
                             description=description, after_step=after_step)
