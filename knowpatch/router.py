@@ -34,6 +34,9 @@ import torch
 
 from .models import decoder_layers
 
+ROW_CHUNK = 64
+"""Query rows scored in one product (bounds its memory: rows × positions × keys)."""
+
 
 class _Stop(Exception):
     """Raised by a layer hook to end a forward pass once the needed layer has run."""
@@ -258,30 +261,34 @@ class Router:
             tables = self._tables(layer, candidates)
             if tables is None:
                 continue
-            entries, keys, variant, variant_patch, thresholds = tables
-            rows = [r for r, h in enumerate(hidden) if layer in h and h[layer].shape[0] > 0]
-            if not rows:
-                continue
-            width = max(hidden[r][layer].shape[0] for r in rows)
-            padded = torch.zeros((len(rows), width, keys.shape[1]))
-            valid = torch.zeros((len(rows), width), dtype=torch.bool)
-            for i, r in enumerate(rows):
-                h = hidden[r][layer]
-                padded[i, :h.shape[0]] = torch.nn.functional.normalize(h.float(), dim=-1)
-                valid[i, :h.shape[0]] = True
-            sims = (padded @ keys.T).masked_fill_(~valid[:, :, None], -float("inf"))
-            per_token = sims.max(1).values  # (rows, key tokens): best query position
-            per_variant = torch.full((len(rows), len(variant_patch)), float("inf")).scatter_reduce(
-                1, variant.expand(len(rows), -1), per_token, "amin")
-            per_patch = torch.full((len(rows), len(entries)), -float("inf")).scatter_reduce(
-                1, variant_patch.expand(len(rows), -1), per_variant, "amax")
-            fires = per_patch >= thresholds
-            ids = [e.patch_id for e in entries]
-            for i, r in enumerate(rows):
-                scores, fired = out[r]
-                scores.update(zip(ids, per_patch[i].tolist()))
-                fired += [ids[j] for j in fires[i].nonzero().flatten().tolist()]
+            present = [r for r, h in enumerate(hidden) if layer in h and h[layer].shape[0] > 0]
+            for start in range(0, len(present), ROW_CHUNK):
+                self._score_chunk(hidden, present[start:start + ROW_CHUNK], layer, tables, out)
         return out
+
+    @staticmethod
+    def _score_chunk(hidden, rows: list[int], layer: int, tables, out) -> None:
+        """score_rows for `rows` (all with tokens at `layer`), into `out`."""
+        entries, keys, variant, variant_patch, thresholds = tables
+        width = max(hidden[r][layer].shape[0] for r in rows)
+        padded = torch.zeros((len(rows), width, keys.shape[1]))
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            h = hidden[r][layer]
+            padded[i, :h.shape[0]] = torch.nn.functional.normalize(h.float(), dim=-1)
+            valid[i, :h.shape[0]] = True
+        sims = (padded @ keys.T).masked_fill_(~valid[:, :, None], -float("inf"))
+        per_token = sims.max(1).values  # (rows, key tokens): best query position
+        per_variant = torch.full((len(rows), len(variant_patch)), float("inf")).scatter_reduce(
+            1, variant.expand(len(rows), -1), per_token, "amin")
+        per_patch = torch.full((len(rows), len(entries)), -float("inf")).scatter_reduce(
+            1, variant_patch.expand(len(rows), -1), per_variant, "amax")
+        fires = per_patch >= thresholds
+        ids = [e.patch_id for e in entries]
+        for i, r in enumerate(rows):
+            scores, fired = out[r]
+            scores.update(zip(ids, per_patch[i].tolist()))
+            fired += [ids[j] for j in fires[i].nonzero().flatten().tolist()]
 
     def decide(self, scores: dict[str, float], fired: list[str] | None = None) -> Route:
         """The route from every candidate's score (`fired`: those at or above their

@@ -300,7 +300,8 @@ def test_rows_scored_together_match_rows_scored_one_by_one():
         keys = torch.nn.functional.normalize(torch.randn(len(variant), 8), dim=-1)
         router.add(f"p{i}", {"keys": keys, "variant": variant}, layer=1 + i % 2,
                    threshold=0.3 + 0.01 * i)
-    hidden = [{1: torch.randn(t, 8), 2: torch.randn(t, 8)} for t in (1, 5, 9, 0, 3)]
+    # 70 rows: more than one chunk of ROW_CHUNK rows per product
+    hidden = [{1: torch.randn(t, 8), 2: torch.randn(t, 8)} for t in (1, 5, 9, 0, 3) * 14]
     together = router.score_rows(hidden)
     fired_any = 0
     for h, (scores, fired) in zip(hidden, together):
