@@ -162,14 +162,8 @@ class Bench:
     # ---- scoring ----------------------------------------------------------------------
     def _score(self, case: Case, reference: Reference | None, patches: list[Patch] | None,
                fluency_on: bool) -> tuple[dict[str, Any], Reference]:
-        ed = self.editor
-        with ed.using(patches) as model:
-            ev = evaluate(model, ed.tokenizer, case.requests, reference)
-            scores: dict[str, Any] = dict(ev.summary)
-            scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
-            scores["fluency"] = (fluency(model, ed.tokenizer, case.generation_prompts, self.s.seed)
-                                 if fluency_on else None)
-        return scores, ev.reference
+        refs = None if reference is None else {case.case_id: reference}
+        return self._score_many([case], refs, patches, [fluency_on])[0]
 
     def _score_many(self, cases: list[Case], refs: dict[str, Reference] | None,
                     patches: list[Patch] | None, fluency_on: list[bool], bar=None

@@ -188,17 +188,16 @@ class Editor:
             return False
         return True
 
-    def _adapter_weights(self, name: str, copy: bool = True) -> dict[str, torch.Tensor]:
-        """Adapter `name`'s weights under PEFT's state-dict keys (what
-        `get_peft_model_state_dict` returns, without its walk over every adapter's tensors).
-        `copy=False`: the adapter's own tensors (detached, same storage), not copies."""
+    def _adapter_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s own weight tensors (detached, same storage, not copies) under
+        PEFT's state-dict keys (what `get_peft_model_state_dict` returns, without its walk
+        over every adapter's tensors)."""
         out = {}
         for module_name, layer in self._lora_layers().items():
             if name in layer.lora_A:
                 prefix = f"base_model.model.{module_name}"
                 for part in ("lora_A", "lora_B"):
-                    weight = getattr(layer, part)[name].weight.detach()
-                    out[f"{prefix}.{part}.weight"] = weight.clone() if copy else weight
+                    out[f"{prefix}.{part}.weight"] = getattr(layer, part)[name].weight.detach()
         return out
 
     @torch.no_grad()
@@ -382,7 +381,7 @@ class Editor:
             raise KnowpatchError(f"patch {patch.id}: {e}") from None
         # the patch's weights become the adapter's own tensors: a loaded patch is held in
         # memory once, not twice (1,000 loaded patches: 2 GB less)
-        patch.weights = self._adapter_weights(patch.id, copy=False)
+        patch.weights = self._adapter_weights(patch.id)
         self._loaded[patch.id] = patch
         self._register_keys(patch)
         return patch.id
@@ -703,7 +702,7 @@ class Editor:
             seconds = time.perf_counter() - started
             self._activate([patch_id])
             self._set_requires_grad([patch_id], False)
-            weights = self._adapter_weights(patch_id, copy=False)  # the patch shares them
+            weights = self._adapter_weights(patch_id)  # the patch shares them
         except BaseException:
             if into is None:
                 self._unload_adapter(patch_id)

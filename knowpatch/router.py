@@ -232,22 +232,7 @@ class Router:
     def score(self, hidden: dict[int, torch.Tensor], candidates: list[str] | None = None
               ) -> dict[str, float]:
         """Score of every candidate patch for one query, from its hidden states per layer."""
-        candidates = tuple(self.entries if candidates is None else candidates)
-        scores: dict[str, float] = {}
-        for layer, h in hidden.items():
-            tables = self._tables(layer, candidates)
-            if tables is None or h.shape[0] == 0:
-                continue
-            entries, keys, variant, variant_patch, _ = tables
-            h = torch.nn.functional.normalize(h.float(), dim=-1)
-            per_token = (h @ keys.T).max(0).values  # best query position for each key token
-            per_variant = torch.full((len(variant_patch),), float("inf"))
-            per_variant = per_variant.scatter_reduce(0, variant, per_token, "amin")
-            per_patch = torch.full((len(entries),), -float("inf"))
-            per_patch = per_patch.scatter_reduce(0, variant_patch, per_variant, "amax")
-            for e, s in zip(entries, per_patch.tolist()):
-                scores[e.patch_id] = s
-        return scores
+        return self.score_rows([hidden], candidates)[0][0]
 
     def score_rows(self, hidden: list[dict[int, torch.Tensor]], candidates: list[str] | None = None
                    ) -> list[tuple[dict[str, float], list[str]]]:
