@@ -28,7 +28,7 @@ import torch
 from .datasets import Case, load_cases
 from .editor import Editor, peak_rss_mb
 from .errors import KnowpatchError
-from .evaluate import SCORE_KEYS, Reference, _starts, evaluate, greedy, harmonic, summarize
+from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
 from .fluency import fluency
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
@@ -100,7 +100,7 @@ def multihop_correct(model, tokenizer, probes: list[PortabilityProbe]) -> float 
                for p in probes]
     outs = greedy(model, tokenizer, [p.prompt for p in probes], budgets)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-    return 100.0 * any(_starts(t, [p.answer, *p.aliases], False) for p, t in zip(probes, texts))
+    return 100.0 * any(starts_with(t, [p.answer, *p.aliases], False) for p, t in zip(probes, texts))
 
 
 class Bench:
@@ -160,15 +160,15 @@ class Bench:
             os.fsync(fh.fileno())
 
     # ---- scoring ----------------------------------------------------------------------
-    def _score(self, case: Case, reference: Reference | None, patches: list[Patch] | None,
+    def score_case(self, case: Case, reference: Reference | None, patches: list[Patch] | None,
                fluency_on: bool) -> tuple[dict[str, Any], Reference]:
         refs = None if reference is None else {case.case_id: reference}
-        return self._score_many([case], refs, patches, [fluency_on])[0]
+        return self.score_cases([case], refs, patches, [fluency_on])[0]
 
-    def _score_many(self, cases: list[Case], refs: dict[str, Reference] | None,
+    def score_cases(self, cases: list[Case], refs: dict[str, Reference] | None,
                     patches: list[Patch] | None, fluency_on: list[bool], bar=None
                     ) -> list[tuple[dict[str, Any], Reference]]:
-        """`_score` for many cases, SCORE_CHUNK cases per `evaluate` call. The chunks are
+        """`score_case` for many cases, SCORE_CHUNK cases per `evaluate` call. The chunks are
         always cut the same way from `cases`, so the baseline and the final scoring run every
         prompt in the same batch (with routing, a row no patch fires on then gives the base
         model's outputs bit for bit)."""
@@ -193,7 +193,7 @@ class Bench:
                     bar.relabel_count(len(out), len(cases))
         return out
 
-    def _edit(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
+    def edit_records(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
         started = time.perf_counter()
         patch = self.editor.edit(requests, method=self.s.method, config=self.s.method_config,
                                  save=False, evaluate=False, into=into)
@@ -231,17 +231,17 @@ class Bench:
         refs, base_scores = [], []
         for i, case in enumerate(group):
             fl = bool(self.s.fluency_every) and (index + i) % self.s.fluency_every == 0
-            scores, ref = self._score(case, None, [], fl)
+            scores, ref = self.score_case(case, None, [], fl)
             refs.append(ref)
             base_scores.append(scores)
         requests = [r for c in group for r in c.requests]
-        patch, seconds = self._edit(requests)
+        patch, seconds = self.edit_records(requests)
         rows = []
         try:
             for i, case in enumerate(group):
                 t0 = time.perf_counter()
                 fl = base_scores[i]["fluency"] is not None
-                scores, _ = self._score(case, refs[i], [patch], fl)
+                scores, _ = self.score_case(case, refs[i], [patch], fl)
                 rows.append(self._row(case, scores, base_scores[i], patch, seconds,
                                       time.perf_counter() - t0, group_size=len(group)))
             if self.keep:
@@ -266,20 +266,20 @@ class Bench:
         flags = [bool(self.s.fluency_every) and i % self.s.fluency_every == 0
                  for i in range(len(cases))]
         bar.relabel("scoring the unedited model")
-        for case, (scores, ref) in zip(cases, self._score_many(cases, None, [], flags, bar)):
+        for case, (scores, ref) in zip(cases, self.score_cases(cases, None, [], flags, bar)):
             base[case.case_id], refs[case.case_id] = scores, ref
         for index, case in enumerate(cases):
             fl = flags[index]
             if case.case_id in done:
                 continue
-            patch, seconds = self._edit(case.requests, into=shared)
+            patch, seconds = self.edit_records(case.requests, into=shared)
             if self.s.strategy == "shared":
                 shared = patch
                 patch.save(patch_dir / "shared", overwrite=True)
             else:
                 patch.save(patch_dir / patch.id)
             t0 = time.perf_counter()
-            scores, _ = self._score(case, refs[case.case_id], None, fl)  # all applied patches
+            scores, _ = self.score_case(case, refs[case.case_id], None, fl)  # all applied patches
             row = self._row(case, scores, base[case.case_id], patch, seconds,
                             time.perf_counter() - t0, group_size=1)
             rows.append(row)
@@ -288,7 +288,7 @@ class Bench:
         # after the last edit: every case again, with everything applied
         final_file = self.out / "final.jsonl"
         bar.relabel("re-scoring after the last edit")
-        final = self._score_many(cases, refs, None, flags, bar)  # all applied patches
+        final = self.score_cases(cases, refs, None, flags, bar)  # all applied patches
         final_rows = [{"case_id": case.case_id, "final": scores}
                       for case, (scores, _) in zip(cases, final)]
         final_file.write_text("".join(json.dumps(r) + "\n" for r in final_rows))

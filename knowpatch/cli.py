@@ -544,7 +544,7 @@ def patches_route(
             if patch.routing is None:
                 unkeyed.append(patch.id)
             else:
-                ed._register_keys(patch)
+                ed.register_keys(patch)
         superseded = ed.router.superseded()
         candidates = [p for p in ed.router.entries if p not in superseded]
         routes = ed.router.route_rows(ed.model, [prompt_ids(ed.tokenizer, p) for p in prompts],

@@ -120,7 +120,7 @@ def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]],
     return out  # type: ignore[return-value]
 
 
-def _starts(text: str, answers: list[str], case_sensitive: bool) -> bool:
+def starts_with(text: str, answers: list[str], case_sensitive: bool) -> bool:
     text = text.lstrip()
     if not case_sensitive:
         text = text.lower()
@@ -145,20 +145,59 @@ def harmonic(values: list[float | None]) -> float | None:
 def evaluate(model, tokenizer, requests: list[EditRequest],
              reference: Reference | None = None, batch_size: int = 32) -> Evaluation:
     """Score `requests` on `model`; without `reference`, the model is the baseline."""
-    # --- gather every generation job -------------------------------------------------
-    gen_jobs: list[tuple[str, int]] = []  # (prompt, budget)
+    gen_jobs, tf_jobs, plan = _jobs(tokenizer, requests)
+    continuations = greedy(model, tokenizer, [p for p, _ in gen_jobs], [b for _, b in gen_jobs],
+                           batch_size)
+    # locality answers for loc_tf: given, else the base model's own continuation
+    if reference is None:
+        loc_answers = []
+        for req, entry in zip(requests, plan):
+            jobs = entry["gen"].get("loc", [])
+            answers = []
+            for probe, j in zip(req.locality, jobs):
+                own = tokenizer.decode(continuations[j], skip_special_tokens=True).strip()
+                answers.append(probe.answer or own or tokenizer.eos_token)
+            loc_answers.append(answers)
+    else:
+        loc_answers = reference.loc_answers
+    for req, answers, entry in zip(requests, loc_answers, plan):
+        for probe, answer in zip(req.locality, answers):
+            entry["tf"].setdefault("loc_ans", []).append(len(tf_jobs))
+            tf_jobs.append((probe.prompt, answer))
+    forced = teacher_forced(model, tokenizer, tf_jobs, batch_size) if tf_jobs else []
+    own_ref = Reference(
+        loc_continuations=[[continuations[j] for j in e["gen"].get("loc", [])] for e in plan],
+        loc_argmax=[[forced[j].argmax for j in e["tf"].get("loc_ans", [])] for e in plan],
+        loc_answers=loc_answers,
+    )
+    ref = reference or own_ref
+    records, samples = [], []
+    for r_idx, (req, entry) in enumerate(zip(requests, plan)):
+        rec, sample = _record(tokenizer, req, entry, continuations, forced,
+                              ref.loc_continuations[r_idx], ref.loc_argmax[r_idx])
+        records.append(rec)
+        samples.append(sample)
+    return Evaluation(records=records, summary=summarize(records), reference=own_ref,
+                      samples=samples)
+
+
+def _jobs(tokenizer, requests: list[EditRequest]):
+    """Every generation job (prompt, token budget) and teacher-forced job (prompt,
+    completion) of `requests`, and per request where its jobs are: {"gen"/"tf": {kind:
+    [job indices]}}."""
+    gen_jobs: list[tuple[str, int]] = []
     tf_jobs: list[tuple[str, str]] = []
-    plan = []
+    plan: list[dict[str, dict[str, list[int]]]] = []
     for req in requests:
         n_target = len(encode_completion(tokenizer, req.prompt, req.target_new)[1])
-        entry: dict[str, object] = {"gen": {}, "tf": {}}
+        entry: dict[str, dict[str, list[int]]] = {"gen": {}, "tf": {}}
 
         def add_gen(kind: str, prompt: str, budget: int, entry=entry) -> None:
-            entry["gen"].setdefault(kind, []).append(len(gen_jobs))  # type: ignore[union-attr]
+            entry["gen"].setdefault(kind, []).append(len(gen_jobs))
             gen_jobs.append((prompt, budget))
 
         def add_tf(kind: str, prompt: str, completion: str, entry=entry) -> None:
-            entry["tf"].setdefault(kind, []).append(len(tf_jobs))  # type: ignore[union-attr]
+            entry["tf"].setdefault(kind, []).append(len(tf_jobs))
             tf_jobs.append((prompt, completion))
 
         add_gen("rel", req.prompt, n_target + 2)
@@ -180,80 +219,42 @@ def evaluate(model, tokenizer, requests: list[EditRequest],
                 add_tf("loc_new", probe.prompt, req.target_new)
                 add_tf("loc_true", probe.prompt, req.ground_truth)
         plan.append(entry)
+    return gen_jobs, tf_jobs, plan
 
-    continuations = greedy(model, tokenizer, [p for p, _ in gen_jobs], [b for _, b in gen_jobs],
-                           batch_size)
 
-    # --- locality answers for loc_tf: given, else the base model's own continuation ----
-    if reference is None:
-        loc_answers = []
-        for req, entry in zip(requests, plan):
-            jobs = entry["gen"].get("loc", [])  # type: ignore[union-attr]
-            answers = []
-            for probe, j in zip(req.locality, jobs):
-                own = tokenizer.decode(continuations[j], skip_special_tokens=True).strip()
-                answers.append(probe.answer or own or tokenizer.eos_token)
-            loc_answers.append(answers)
-    else:
-        loc_answers = reference.loc_answers
-    loc_tf_index = []
-    for req, answers in zip(requests, loc_answers):
-        idx = []
-        for probe, answer in zip(req.locality, answers):
-            idx.append(len(tf_jobs))
-            tf_jobs.append((probe.prompt, answer))
-        loc_tf_index.append(idx)
-    forced = teacher_forced(model, tokenizer, tf_jobs, batch_size) if tf_jobs else []
+def _record(tokenizer, req: EditRequest, entry, continuations, forced, ref_loc, ref_argmax):
+    """One request's scores (and its generated texts) from the jobs' results; `ref_loc`,
+    `ref_argmax`: the baseline's locality continuations and teacher-forced argmaxes."""
+    g, t = entry["gen"], entry["tf"]
 
-    # --- reference (baseline run) ------------------------------------------------------
-    own_ref = Reference(
-        loc_continuations=[[continuations[j] for j in e["gen"].get("loc", [])] for e in plan],  # type: ignore[union-attr]
-        loc_argmax=[[forced[j].argmax for j in idx] for idx in loc_tf_index],
-        loc_answers=loc_answers,
-    )
-    ref = reference or own_ref
+    def text(j: int) -> str:
+        return tokenizer.decode(continuations[j], skip_special_tokens=True)
 
-    # --- per-record scores -------------------------------------------------------------
-    records = []
-    samples = []
-    for r_idx, (req, entry) in enumerate(zip(requests, plan)):
-        g: dict[str, list[int]] = entry["gen"]  # type: ignore[assignment]
-        t: dict[str, list[int]] = entry["tf"]  # type: ignore[assignment]
-
-        def text(j: int) -> str:
-            return tokenizer.decode(continuations[j], skip_special_tokens=True)
-
-        rec: dict[str, float | None] = dict.fromkeys(SCORE_KEYS)
-        rec["rel"] = 100.0 * _starts(text(g["rel"][0]), [req.target_new], True)
-        rec["gen"] = _mean([100.0 * _starts(text(j), [req.target_new], True)
-                            for j in g.get("gen", [])])
-        rec["loc"] = _mean([100.0 * (continuations[j] == ref.loc_continuations[r_idx][k])
-                            for k, j in enumerate(g.get("loc", []))])
-        rec["port"] = _mean([
-            100.0 * _starts(text(j), [probe.answer, *probe.aliases], False)
-            for probe, j in zip(req.portability, g.get("port", []))])
-        rec["rel_tf"] = _tf_acc(forced[t["rel_new"][0]])
-        rec["gen_tf"] = _mean([_tf_acc(forced[j]) for j in t.get("gen_new", [])])
-        rec["loc_tf"] = _mean([
-            100.0 * _same(forced[j].argmax, ref.loc_argmax[r_idx][k])
-            for k, j in enumerate(loc_tf_index[r_idx])])
-        if req.ground_truth:
-            rec["es"] = 100.0 * (forced[t["rel_new"][0]].logprob > forced[t["rel_true"][0]].logprob)
-            rec["ps"] = _mean([100.0 * (forced[a].logprob > forced[b].logprob)
-                               for a, b in zip(t.get("gen_new", []), t.get("gen_true", []))])
-            rec["ns"] = _mean([100.0 * (forced[b].logprob > forced[a].logprob)
-                               for a, b in zip(t.get("loc_new", []), t.get("loc_true", []))])
-        rec["score"] = harmonic([rec["rel"], rec["gen"], rec["loc"]])
-        rec["S"] = harmonic([rec["es"], rec["ps"], rec["ns"]])
-        records.append(rec)
-        samples.append({
-            "prompt": req.prompt, "rel": text(g["rel"][0]),
-            "gen": [text(j) for j in g.get("gen", [])],
-            "loc": [text(j) for j in g.get("loc", [])],
-            "port": [text(j) for j in g.get("port", [])],
-        })
-    return Evaluation(records=records, summary=summarize(records), reference=own_ref,
-                      samples=samples)
+    rec: dict[str, float | None] = dict.fromkeys(SCORE_KEYS)
+    rec["rel"] = 100.0 * starts_with(text(g["rel"][0]), [req.target_new], True)
+    rec["gen"] = _mean([100.0 * starts_with(text(j), [req.target_new], True)
+                        for j in g.get("gen", [])])
+    rec["loc"] = _mean([100.0 * (continuations[j] == ref_loc[k])
+                        for k, j in enumerate(g.get("loc", []))])
+    rec["port"] = _mean([100.0 * starts_with(text(j), [probe.answer, *probe.aliases], False)
+                         for probe, j in zip(req.portability, g.get("port", []))])
+    rec["rel_tf"] = _tf_acc(forced[t["rel_new"][0]])
+    rec["gen_tf"] = _mean([_tf_acc(forced[j]) for j in t.get("gen_new", [])])
+    rec["loc_tf"] = _mean([100.0 * _same(forced[j].argmax, ref_argmax[k])
+                           for k, j in enumerate(t.get("loc_ans", []))])
+    if req.ground_truth:
+        rec["es"] = 100.0 * (forced[t["rel_new"][0]].logprob > forced[t["rel_true"][0]].logprob)
+        rec["ps"] = _mean([100.0 * (forced[a].logprob > forced[b].logprob)
+                           for a, b in zip(t.get("gen_new", []), t.get("gen_true", []))])
+        rec["ns"] = _mean([100.0 * (forced[b].logprob > forced[a].logprob)
+                           for a, b in zip(t.get("loc_new", []), t.get("loc_true", []))])
+    rec["score"] = harmonic([rec["rel"], rec["gen"], rec["loc"]])
+    rec["S"] = harmonic([rec["es"], rec["ps"], rec["ns"]])
+    sample = {"prompt": req.prompt, "rel": text(g["rel"][0]),
+              "gen": [text(j) for j in g.get("gen", [])],
+              "loc": [text(j) for j in g.get("loc", [])],
+              "port": [text(j) for j in g.get("port", [])]}
+    return rec, sample
 
 
 def _tf_acc(f: Forced) -> float:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import field_error
+from .errors import KnowpatchError, field_error
 
 # A target starting with one of these follows the prompt without a space ("Paris," / "...").
 _NO_SPACE_BEFORE = set(",.;:!?)]}'\"")
@@ -183,3 +184,27 @@ def check_fits(request: EditRequest, tokenizer, max_positions: int | None) -> No
             f"prompt + target_new is {len(p_ids) + len(t_ids)} tokens, longer than the "
             f"model's context of {max_positions}",
         )
+
+
+def as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
+    """One request or a sequence of them, checked, as a list."""
+    if isinstance(requests, EditRequest):
+        return [requests]
+    requests = list(requests)
+    if not requests:
+        raise KnowpatchError("requests: at least one EditRequest is needed")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise KnowpatchError(f"requests[{i}]: expected an EditRequest, got {type(r).__name__}")
+    return requests
+
+
+def check_all_fit(requests: list[EditRequest], tokenizer, max_positions: int | None) -> None:
+    """`check_fits` for each request; with several, the error says which."""
+    for i, req in enumerate(requests):
+        try:
+            check_fits(req, tokenizer, max_positions)
+        except KnowpatchError as exc:
+            if len(requests) == 1:
+                raise
+            raise KnowpatchError(f"request {i}: {exc}") from None

@@ -322,3 +322,13 @@ class Router:
             0, e.variant, best.values, "amin")
         chosen = int(worst.argmax())
         return sorted(set(best.indices[e.variant == chosen].tolist()))
+
+
+def merge_keys(old: dict[str, torch.Tensor] | None,
+               new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of `old` and `new` as one set (their variants kept apart)."""
+    if old is None:
+        return new
+    offset = int(old["variant"].max()) + 1 if len(old["variant"]) else 0
+    return {"keys": torch.cat([old["keys"], new["keys"]]),
+            "variant": torch.cat([old["variant"], new["variant"] + offset])}

@@ -31,9 +31,8 @@ import torch
 
 from .datasets import load_cases
 from .editor import Editor
-from .evaluate import prompt_ids
 from .patches import Patch
-from .router import Router, compute_keys, fact_of
+from .router import compute_keys, fact_of
 
 
 def _rss_mb() -> float:
@@ -49,32 +48,26 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
 
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
-    cases = load_cases(data, None, n)
-    requests = [c.requests[0] for c in cases]
+    requests = [c.requests[0] for c in load_cases(data, None, n)]
     layer, threshold = 1, 0.75
-    keys, subjects = [], []
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("router keys", total=len(requests))
-        editor._activate([])
-        for req in requests:
-            keys.append(compute_keys(editor.model, editor.tokenizer, [req], layer))
-            subjects.append((req.subject or "").lower())
-            bar.advance(task)
+        with editor.using([]) as base:
+            keys = [compute_keys(base, editor.tokenizer, [req], layer)
+                    for req in bar.track(requests, task_id=task)]
+    subjects = [(req.subject or "").lower() for req in requests]
     usable = [i for i, k in enumerate(keys) if k is not None]
 
     # one real patch whose weights every stored patch copies
     template = editor.edit(requests[usable[0]], save=False, evaluate=False)
     editor.remove(template)
-
     # exact size of one loaded patch (adapter weights + router keys); RSS growth is noisier
-    weight_bytes = sum(v.numel() * v.element_size() for v in template.weights.values()) + sum(
-        v.numel() * v.element_size() for k in keys[:1] if k for v in k.values())
+    weight_bytes = sum(v.numel() * v.element_size() for k in (template.weights, keys[usable[0]])
+                       for v in k.values())
     results: list[dict[str, Any]] = []
-    loaded: list[str] = []
+    loaded: list[str] = []  # ids of the copies applied so far
     base_rss = _rss_mb()
-    query_prompts = [p for i in usable for p in
-                     ([lp.prompt for lp in requests[i].locality[:1]] +
-                      list(requests[i].rephrase_prompts[:1]))][:queries]
+    query_prompts = _query_prompts(requests, usable, queries)
     base_seconds = _time_queries(editor, query_prompts, [])
     add_seconds: list[float] = []
     for size in sorted(sizes):
@@ -83,27 +76,15 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
             task = bar.add_task(f"loading {len(target)} patches", total=len(target))
             bar.advance(task, len(loaded))
             for i in target[len(loaded):]:
-                patch = Patch(id=f"p{i:05d}", manifest={
-                    **template.manifest, "id": f"p{i:05d}",
-                    "router": {"layer": layer, "threshold": threshold,
-                               "facts": [fact_of(requests[i])]}},
-                    adapter_config=template.adapter_config, weights=template.weights,
-                    keys=keys[i])
-                t0 = time.perf_counter()
-                editor.apply(patch)
-                add_seconds.append(time.perf_counter() - t0)
-                loaded.append(patch.id)
+                add_seconds.append(_add_copy(editor, template, f"p{i:05d}", keys[i], layer,
+                                             threshold, fact_of(requests[i])))
+                loaded.append(f"p{i:05d}")
                 bar.advance(task)
         rss = _rss_mb()
-        recall, own_total, wrong_fire, para_total, neigh_fire, neigh_total = _route_quality(
-            editor, requests, target, subjects)
-        seconds = _time_queries(editor, query_prompts, list(editor._applied))
+        quality = _route_quality(editor, requests, target, subjects)
+        seconds = _time_queries(editor, query_prompts, [p.id for p in editor.applied])
         row = {
-            "patches": len(target),
-            "router_recall": round(100 * recall / max(own_total, 1), 2),
-            "paraphrase_fires_other_patch": round(100 * wrong_fire / max(para_total, 1), 2),
-            "neighbour_fires_any_patch": round(100 * neigh_fire / max(neigh_total, 1), 2),
-            "paraphrases": para_total, "neighbours": neigh_total,
+            "patches": len(target), **quality,
             "s_per_query_batch": round(seconds, 4), "s_per_query_batch_base": round(base_seconds, 4),
             "query_cost_vs_base": round(seconds / base_seconds, 3),
             "s_to_add_a_patch": round(statistics.median(add_seconds[-min(len(add_seconds), 20):]), 4),
@@ -121,27 +102,43 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
     return report
 
 
-def _route_quality(editor: Editor, requests, target: list[int], subjects: list[str]):
+def _query_prompts(requests, usable: list[int], queries: int) -> list[str]:
+    """The timed query batch: a locality prompt and a paraphrase of each record in turn."""
+    return [p for i in usable for p in ([lp.prompt for lp in requests[i].locality[:1]] +
+                                        list(requests[i].rephrase_prompts[:1]))][:queries]
+
+
+def _add_copy(editor: Editor, template: Patch, patch_id: str, keys, layer: int,
+              threshold: float, fact: str) -> float:
+    """Apply a copy of `template` under `patch_id` and `keys`; the seconds it took."""
+    patch = Patch(id=patch_id, manifest={
+        **template.manifest, "id": patch_id,
+        "router": {"layer": layer, "threshold": threshold, "facts": [fact]}},
+        adapter_config=template.adapter_config, weights=template.weights, keys=keys)
+    t0 = time.perf_counter()
+    editor.apply(patch)
+    return time.perf_counter() - t0
+
+
+def _route_quality(editor: Editor, requests, target: list[int], subjects: list[str]
+                   ) -> dict[str, Any]:
     """Route every paraphrase and neighbour prompt of the stored records among the stored
     patches. A fired patch whose subject the prompt names (the record's own, or another
     record's subject that a neighbour prompt happens to mention) is a right fire."""
-    router: Router = editor.router
     candidates = [f"p{i:05d}" for i in target]
-    rows, owners, kinds, texts = [], [], [], []
+    owners, kinds, texts = [], [], []
     for i in target:
         for p in requests[i].rephrase_prompts:
-            rows.append(prompt_ids(editor.tokenizer, p))
             owners.append(i)
             kinds.append("para")
             texts.append(p.lower())
         for lp in requests[i].locality:
-            rows.append(prompt_ids(editor.tokenizer, lp.prompt))
             owners.append(i)
             kinds.append("neigh")
             texts.append(lp.prompt.lower())
-    editor._activate_lora([])
-    routes = router.route_rows(editor.model, rows, editor.tokenizer.bos_token_id, candidates)
-    editor._activate(editor._applied)
+    prompts = [p for i in target for p in
+               [*requests[i].rephrase_prompts, *(lp.prompt for lp in requests[i].locality)]]
+    routes = editor.route(prompts, patches=candidates)
     recall = own_total = wrong = para_total = neigh_fire = neigh_total = 0
     for route, i, kind, text in zip(routes, owners, kinds, texts):
         fired = {int(p[1:]) for p in route.fired}
@@ -154,7 +151,10 @@ def _route_quality(editor: Editor, requests, target: list[int], subjects: list[s
         else:
             neigh_total += 1
             neigh_fire += bool(fired - named)
-    return recall, own_total, wrong, para_total, neigh_fire, neigh_total
+    return {"router_recall": round(100 * recall / max(own_total, 1), 2),
+            "paraphrase_fires_other_patch": round(100 * wrong / max(para_total, 1), 2),
+            "neighbour_fires_any_patch": round(100 * neigh_fire / max(neigh_total, 1), 2),
+            "paraphrases": para_total, "neighbours": neigh_total}
 
 
 @torch.no_grad()

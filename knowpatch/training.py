@@ -35,6 +35,8 @@ class LoopResult:
     losses: list[float]
     extra: dict = field(default_factory=dict)
     """What a method records in the patch manifest besides (e.g. DPO's rejected answers)."""
+    deltas: dict[str, torch.Tensor] | None = None
+    """Weight-delta methods (full SFT, FT-M, full DPO): the change of every trained tensor."""
 
 
 @dataclass
@@ -97,13 +99,7 @@ def run_loop(
                 log.warning("stopped at the time limit of %.0f s after %d steps",
                             settings.max_seconds, steps)
                 break
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(out.loss)
-            if settings.grad_clip:
-                accelerator.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            if settings.after_step is not None:
-                settings.after_step()
+            _update(accelerator, optimizer, params, out.loss, settings)
             steps += 1
     finally:
         if progress:
@@ -116,6 +112,18 @@ def run_loop(
             accelerator.free_memory()
     return LoopResult(steps=steps, learnt=learnt, seconds=time.perf_counter() - start,
                       losses=losses)
+
+
+def _update(accelerator: Accelerator, optimizer, params, loss: torch.Tensor,
+            settings: LoopSettings) -> None:
+    """One optimizer update from `loss` (clipped), then the method's `after_step`."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if settings.grad_clip:
+        accelerator.clip_grad_norm_(params, settings.grad_clip)
+    optimizer.step()
+    if settings.after_step is not None:
+        settings.after_step()
 
 
 def _agree(accelerator: Accelerator, loss: torch.Tensor, learnt: bool) -> tuple[float, bool]:

@@ -70,7 +70,7 @@ def test_sequential_mode_scores_twice(tiny_editor, tmp_path, strategy):
 def test_resume_after_interruption(tiny_editor, tmp_path, monkeypatch):
     bench = _bench(tiny_editor, tmp_path, n=3)
     calls = {"n": 0}
-    original = Bench._edit
+    original = Bench.edit_records
 
     def flaky(self, requests, into=None):
         calls["n"] += 1
@@ -78,7 +78,7 @@ def test_resume_after_interruption(tiny_editor, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, requests, into)
 
-    monkeypatch.setattr(Bench, "_edit", flaky)
+    monkeypatch.setattr(Bench, "edit_records", flaky)
     with pytest.raises(KeyboardInterrupt):
         bench.run()
     assert len(_rows(tmp_path)) == 1
@@ -148,9 +148,9 @@ def test_whole_run_scoring_matches_case_by_case(tiny_editor, tmp_path):
 
     bench = _bench(tiny_editor, tmp_path, n=3)
     cases = load_cases(bench.s.data, None, 3)
-    together = bench._score_many(cases, None, [], [False] * 3)
+    together = bench.score_cases(cases, None, [], [False] * 3)
     for case, (scores, ref) in zip(cases, together):
-        alone, own = bench._score(case, None, [], False)
+        alone, own = bench.score_case(case, None, [], False)
         assert scores == alone
         assert ref.loc_continuations == own.loc_continuations
 

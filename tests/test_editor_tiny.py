@@ -142,7 +142,7 @@ def test_lora_dropout_acts_in_training_only(tiny_editor):
     first = tiny_editor.edit(_request(), evaluate=False, dropout=0.5, **FAST)
     second = tiny_editor.edit(EditRequest("The Kremlin is located in the city of", "Oslo",
                                           subject="Kremlin"), evaluate=False, dropout=0.5, **FAST)
-    layers = list(tiny_editor._lora_layers().values())
+    layers = list(tiny_editor.adapters.layers().values())
     assert layers and not any(m.training for layer in layers for m in layer.modules())
     for patch in (first, second):
         tiny_editor.remove(patch)

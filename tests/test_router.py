@@ -176,7 +176,7 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     from peft import get_peft_model_state_dict
 
     a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
-    peft_model = tiny_editor._peft
+    peft_model = tiny_editor.adapters.peft
 
     def refuse(*_a, **_k):
         raise AssertionError("PEFT's model-wide add/delete was used")
@@ -194,7 +194,7 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     after = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt])
     tiny_editor.remove(b)
     assert b.id not in peft_model.peft_config
-    assert all(b.id not in layer.lora_A for layer in tiny_editor._lora_layers().values())
+    assert all(b.id not in layer.lora_A for layer in tiny_editor.adapters.layers().values())
     tiny_editor.apply(Patch.load(tmp_path / "b"))
     torch.testing.assert_close(_logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt]), after,
                                atol=1e-6, rtol=0)
@@ -204,14 +204,14 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     bad.weights = {k.replace("lora_A", "lora_Q"): v for k, v in bad.weights.items()}
     with pytest.raises(Exception, match="do not fit"):
         tiny_editor.apply(bad)
-    assert all("bad" not in layer.lora_A for layer in tiny_editor._lora_layers().values())
+    assert all("bad" not in layer.lora_A for layer in tiny_editor.adapters.layers().values())
     # targets given as PEFT suffixes (as PEFT rewrites long lists) after every patch is gone
     from peft import LoraConfig
 
     for patch in list(tiny_editor.applied):
         tiny_editor.remove(patch)
-    tiny_editor._add_adapter("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
-    with_adapter = [m for m, layer in tiny_editor._lora_layers().items() if "suffix" in layer.lora_A]
+    tiny_editor.adapters.add("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
+    with_adapter = [m for m, layer in tiny_editor.adapters.layers().items() if "suffix" in layer.lora_A]
     assert with_adapter == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
@@ -255,35 +255,35 @@ def test_only_the_adapter_in_training_gets_gradients_and_patches_share_adapter_m
     """Training optimises exactly the new patch's adapter (its parameters handed to the loop,
     not found by a walk over every adapter); afterwards every adapter is frozen; a loaded
     patch's weights are the adapter's own tensors (held once in memory)."""
-    import knowpatch.methods.lora_sft as lora_sft
+    import knowpatch.methods.sft as sft
 
     a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
     seen = {}
-    original = lora_sft.sft_train
+    original = sft.sft_train
 
     def spy(model, *args, params=None, **kwargs):
         seen["params"] = params
         seen["grad"] = {id(p) for p in model.parameters() if p.requires_grad}
         return original(model, *args, params=params, **kwargs)
 
-    monkeypatch.setattr(lora_sft, "sft_train", spy)
+    monkeypatch.setattr(sft, "sft_train", spy)
     before_a = {k: v.clone() for k, v in a.weights.items()}
     b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
-    layers = tiny_editor._lora_layers().values()
+    layers = tiny_editor.adapters.layers().values()
     b_params = [p for layer in layers for part in (layer.lora_A, layer.lora_B)
                 for p in part[b.id].parameters()]
     assert {id(p) for p in seen["params"]} == {id(p) for p in b_params} == seen["grad"]
     assert not any(p.requires_grad for p in tiny_editor.model.parameters())
     assert all(torch.equal(a.weights[k], v) for k, v in before_a.items())
     for patch in (a, b):  # same storage as the live adapter
-        for layer_name, layer in tiny_editor._lora_layers().items():
+        for layer_name, layer in tiny_editor.adapters.layers().items():
             key = f"base_model.model.{layer_name}.lora_A.weight"
             assert patch.weights[key].data_ptr() == layer.lora_A[patch.id].weight.data_ptr()
     # a patch loaded from disk is held once too, and still saves what it loaded
     b.save(tmp_path / "b")
     tiny_editor.remove(b)
     loaded = tiny_editor.apply(Patch.load(tmp_path / "b"))
-    layer_name, layer = next(iter(tiny_editor._lora_layers().items()))
+    layer_name, layer = next(iter(tiny_editor.adapters.layers().items()))
     key = f"base_model.model.{layer_name}.lora_B.weight"
     assert loaded.weights[key].data_ptr() == layer.lora_B[loaded.id].weight.data_ptr()
     loaded.save(tmp_path / "b2")

@@ -1,16 +1,50 @@
-"""Editing methods: one module per method, each with its `Config` and its `train`."""
+"""Editing methods: one module per method, each following the `Method` protocol."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import KnowpatchError
+from ..training import LoopResult
 from . import dpo, ft_m, full_sft, lora_sft
 
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (lora_sft, full_sft, ft_m, dpo)}
+
+@runtime_checkable
+class Method(Protocol):
+    """What the editor needs of a method (each method is a module that provides it)."""
+
+    NAME: str
+    Config: type
+    """The method's settings: a dataclass whose defaults work on the embedded model."""
+
+    def kind(self, config: Any) -> str:
+        """The kind of patch it makes with `config`: "lora" (an adapter) or "delta"."""
+        ...
+
+    def train(self, model: Any, tokenizer: Any, requests: list, config: Any, *,
+              base: Callable[[], AbstractContextManager], progress: bool = True,
+              **options: Any) -> LoopResult:
+        """Train until learnt. `base()`: a context in which `model` runs as the unedited
+        base. A "lora" method trains the active adapter (its parameters in `params`); a
+        "delta" method returns the deltas in the result."""
+        ...
 
 
-def get_method(name: str) -> ModuleType:
+@runtime_checkable
+class AdapterMethod(Method, Protocol):
+    """A method whose patches are LoRA adapters: it also says how to build one."""
+
+    def adapter_config(self, model: Any, config: Any) -> Any:
+        """The PEFT `LoraConfig` of a new patch on `model`."""
+        ...
+
+
+METHODS: dict[str, Method] = {m.NAME: m for m in (lora_sft, full_sft, ft_m, dpo)}
+
+
+def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:

@@ -183,3 +183,17 @@ def training_prefixes(base_model, tokenizer, config) -> tuple[str, ...]:
     if config.prefix_source == "model":
         return sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed)
     return PREFIXES[:config.prefixes]
+
+
+def lora_config(model, *, rank: int, alpha: float, dropout: float, modules: list[str],
+                layers: str):
+    """The PEFT `LoraConfig` of a LoRA patch (LoRA SFT, DPO): target modules found from the
+    model's shapes by role or name, within `layers`."""
+    from peft import LoraConfig
+
+    from ..models import linear_modules, parse_layers
+
+    n_layers = getattr(model.config, "num_hidden_layers", None) or 0
+    targets = linear_modules(model, modules, parse_layers(layers, n_layers))
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, run_loop
 from . import full_sft
-from .common import IGNORE, Example, collate, target_loss, training_prefixes
+from .common import IGNORE, Example, collate, lora_config, target_loss, training_prefixes
 
 NAME = "dpo"
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -104,18 +104,14 @@ class Config:
 
 
 def kind(config: Config) -> str:
+    """LoRA patches, or weight deltas with train=full."""
     return "delta" if config.train == "full" else "lora"
 
 
 def adapter_config(model, config: Config):
-    from peft import LoraConfig
-
-    from ..models import linear_modules, parse_layers
-
-    n_layers = getattr(model.config, "num_hidden_layers", None) or 0
-    targets = linear_modules(model, config.modules, parse_layers(config.layers, n_layers))
-    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    """The PEFT `LoraConfig` for `model` (train=lora), as LoRA SFT builds it."""
+    return lora_config(model, rank=config.rank, alpha=config.lora_alpha, dropout=0.0,
+                       modules=config.modules, layers=config.layers)
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -168,9 +164,9 @@ def rejected_answers(model, tokenizer, requests: list[EditRequest]) -> list[str]
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
           base: Callable[[], AbstractContextManager], progress: bool = True, pairs: bool = False,
-          params: list[torch.nn.Parameter] | None = None):
+          params: list[torch.nn.Parameter] | None = None) -> LoopResult:
     """Train until learnt. `pairs`: the requests are preference pairs (behaviour edits)
-    rather than fact edits. LoRA: returns the loop result; full: (result, deltas).
+    rather than fact edits. Returns the loop result (train=full: with the deltas).
     `params` (LoRA): the adapter's parameters (None: those of `model` that require grad)."""
     if config.train == "full":
         return full_sft.train_full(model, config, lambda after_step: _train(

@@ -2,7 +2,7 @@
 
 For large-scale editing (hundreds to thousands of facts in one patch, `batch_size`
 requests per step), or EasyEdit's FT-M (`ft-m`: one MLP projection of one layer, see
-`methods/ft_m`). Same objective and early stop as LoRA SFT (`lora_sft.sft_train`); an
+`methods/ft_m`). Same objective and early stop as LoRA SFT (`methods/sft`); an
 optional norm bound keeps every changed weight within ±`norm_bound` of its original value.
 
 The patch holds `delta.safetensors`: the changed tensors' deltas only (a tied tensor once,
@@ -22,7 +22,7 @@ from ..errors import KnowpatchError
 from ..models import linear_modules, parse_layers
 from ..requests import EditRequest
 from ..training import LoopResult
-from .lora_sft import sft_train
+from .sft import sft_train
 
 NAME = "full-sft"
 
@@ -120,20 +120,19 @@ def selected_parameters(model: torch.nn.Module, config) -> dict[str, torch.nn.Pa
 
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
-          base: Callable[[], AbstractContextManager], progress: bool = True
-          ) -> tuple[LoopResult, dict[str, torch.Tensor]]:
+          base: Callable[[], AbstractContextManager], progress: bool = True) -> LoopResult:
     """Train the selected weights of `model` on the SFT objective; returns the loop result
-    and the delta of every trained tensor (the weights are put back to the originals: the
-    editor applies the delta as a patch)."""
+    with the delta of every trained tensor in `deltas` (the weights are put back to the
+    originals: the editor applies the delta as a patch)."""
     return train_full(model, config, lambda after_step: sft_train(
         model, tokenizer, requests, config, base=base, progress=progress,
         description="full SFT", after_step=after_step))
 
 
 def train_full(model, config, inner: Callable[[Callable[[], None] | None], LoopResult]
-               ) -> tuple[LoopResult, dict[str, torch.Tensor]]:
+               ) -> LoopResult:
     """Run `inner(after_step)` with exactly the selected weights trainable (full SFT, full
-    DPO), keep them in the norm bound, and return the loop result and the deltas."""
+    DPO), keep them in the norm bound, and return the loop result with the deltas."""
     chosen = selected_parameters(model, config)
     before = {n: p.detach().clone() for n, p in chosen.items()}
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -169,4 +168,5 @@ def train_full(model, config, inner: Callable[[Callable[[], None] | None], LoopR
             if torch.count_nonzero(d):
                 delta[n] = d.to(dtype).cpu()
             p.copy_(before[n])
-    return result, delta
+    result.deltas = delta
+    return result

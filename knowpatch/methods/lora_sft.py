@@ -13,20 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import linear_modules, parse_layers
 from ..requests import EditRequest
-from ..training import LoopResult, LoopSettings, StepOutput, run_loop
-from .common import (
-    Example,
-    anchor_prompts,
-    collate,
-    edit_examples,
-    gate_mask,
-    kl_to_reference,
-    last_token_logprobs,
-    target_loss,
-    training_prefixes,
-)
+from ..training import LoopResult
+from . import sft
+from .common import lora_config
 
 NAME = "lora-sft"
 
@@ -109,123 +99,28 @@ class Config:
             raise ValueError("prefixes, anchors, anchor_weight and spill_weight must be ≥ 0")
 
 
+def kind(config: Config) -> str:
+    """Patches of this method are LoRA adapters."""
+    return "lora"
+
+
 def adapter_config(model: torch.nn.Module, config: Config):
     """The PEFT `LoraConfig` for `model`, with target modules discovered from its shapes."""
-    from peft import LoraConfig
-
-    n_layers = getattr(model.config, "num_hidden_layers", None) or 0
-    layers = parse_layers(config.layers, n_layers)
-    targets = linear_modules(model, config.modules, layers)
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return lora_config(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                       modules=config.modules, layers=config.layers)
 
 
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
           base: Callable[[], AbstractContextManager], progress: bool = True,
-          set_gate: Callable[[torch.Tensor | None], None] | None = None,
+          gate: Callable[[torch.Tensor], AbstractContextManager] | None = None,
           params: list[torch.nn.Parameter] | None = None) -> LoopResult:
     """Train the active (trainable) adapter in `model` until every target token is learnt.
 
     `base()` is a context in which `model` runs as the unedited base (adapters off).
     `params`: the adapter's parameters (None: those of `model` that require grad).
-    `set_gate(mask)` (gate=subject) makes the adapter act only where `mask` is 1 in the next
-    forward; `set_gate(None)` ends that.
+    `gate(mask)` (gate=subject): a context inside which the adapter acts only where the
+    (rows, seq) `mask` is 1.
     """
-    return sft_train(model, tokenizer, requests, config, base=base, progress=progress,
-                     description="LoRA SFT", params=params,
-                     set_gate=set_gate if getattr(config, "gate", "all") == "subject" else None)
-
-
-def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
-              base: Callable[[], AbstractContextManager], progress: bool = True,
-              description: str = "SFT", after_step: Callable[[], None] | None = None,
-              set_gate: Callable[[torch.Tensor | None], None] | None = None,
-              params: list[torch.nn.Parameter] | None = None) -> LoopResult:
-    """The SFT objective shared by LoRA SFT and full SFT: cross-entropy on the target tokens
-    (after the prompt and after each prefix), plus KL anchors to the base model, over
-    whatever parameters of `model` require grad.
-
-    With `config.batch_size` > 0 the requests are taken that many per optimizer step, in
-    turn (large-scale editing); the edit counts as learnt once every mini-batch was learnt
-    when last seen. Under `accelerate launch` each process takes its share of every
-    mini-batch (data parallel; gradients are averaged by the accelerator).
-    """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu",
-                              device_placement=False)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    size = getattr(config, "batch_size", 0) or len(requests)
-    chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
-    if any(len(c) < world for c in chunks):
-        raise ValueError(f"{world} processes need at least {world} requests per mini-batch "
-                         f"(got {min(map(len, chunks))})")
-    chunks = [c[rank::world] for c in chunks]
-
-    prefixes: tuple[str, ...] = ()
-    if config.prefixes:
-        with torch.no_grad(), base() as base_model:
-            prefixes = training_prefixes(base_model, tokenizer, config)
-    n_prefixes = config.prefixes
-
-    def prepare(chunk: list[EditRequest]):
-        examples = edit_examples(tokenizer, chunk, prefixes=prefixes,
-                                 append_eos=config.append_eos)
-        anchors: list[Example] = []
-        ref_logp = first_target = None
-        if (config.anchor_weight > 0 or config.spill_weight > 0) and config.anchors > 0:
-            pairs = anchor_prompts(chunk, config.anchors)
-            anchors = [Example(tokenizer(p)["input_ids"], []) for p, _ in pairs]
-            # the first token of each anchor's request target: the token an edit spills as
-            first_target = torch.tensor([examples[i * (n_prefixes + 1)].target_ids[0]
-                                         for _, i in pairs], device=device)
-            with torch.no_grad(), base() as base_model:
-                ref_logp = last_token_logprobs(base_model, collate(anchors, pad, device))
-        batch = collate(examples + anchors, pad, device)
-        if set_gate is not None:
-            if not all(e.subject_positions for e in examples):
-                raise ValueError("gate: subject needs each request's subject in its prompt")
-            batch["gate"] = gate_mask(examples, len(examples) + len(anchors),
-                                      batch["input_ids"].shape[1], device)
-        return batch, len(examples), len(anchors), ref_logp, first_target
-
-    prepared = [prepare(c) for c in chunks]
-    learnt_flags = [False] * len(prepared)
-    visit = {"i": 0}
-
-    def step(model) -> StepOutput:
-        index = visit["i"] % len(prepared)
-        visit["i"] += 1
-        batch, n_edit, n_anchor, ref_logp, first_target = prepared[index]
-        if set_gate is not None:
-            set_gate(batch["gate"])
-        try:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-        finally:
-            if set_gate is not None:
-                set_gate(None)
-        loss, learnt, gap = target_loss(logits[:n_edit], batch["labels"][:n_edit], config.margin)
-        learnt_flags[index] = learnt
-        info = {"gap": gap}
-        if ref_logp is not None:
-            last = batch["attention_mask"][n_edit:].sum(dim=1) - 1
-            rows = torch.arange(n_anchor, device=logits.device)
-            logp = torch.log_softmax(logits[n_edit:][rows, last].float(), dim=-1)
-            if config.anchor_weight > 0:
-                kl = kl_to_reference(ref_logp, logp)
-                loss = loss + config.anchor_weight * kl
-                info["kl"] = float(kl.detach())
-            if config.spill_weight > 0:
-                rise = (logp[rows, first_target] - ref_logp[rows, first_target]).clamp(min=0)
-                loss = loss + config.spill_weight * rise.mean()
-        return StepOutput(loss=loss, learnt=all(learnt_flags), info=info)
-
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
-                            max_seconds=config.max_seconds, progress=progress,
-                            description=description, after_step=after_step)
-    return run_loop(model, params, step, settings, accelerator=accelerator)
+    return sft.sft_train(model, tokenizer, requests, config, base=base, progress=progress,
+                         description="LoRA SFT", params=params,
+                         gate=gate if getattr(config, "gate", "all") == "subject" else None)

@@ -40,8 +40,8 @@ def main() -> None:
         settings.update(anchor_weight=0.0)
         requests = REQUESTS
     cfg = build_config(module.Config, settings, where=method)
-    result, _ = module.train(model, tok, requests, cfg,
-                             base=lambda: contextlib.nullcontext(model), progress=False)
+    result = module.train(model, tok, requests, cfg,
+                          base=lambda: contextlib.nullcontext(model), progress=False)
     if state.is_main_process:
         with open(out, "w") as fh:
             json.dump({"losses": result.losses, "steps": result.steps,

@@ -1,0 +1,134 @@
+"""The SFT objective LoRA SFT and full SFT share: cross-entropy on the target tokens (after
+the prompt and after each training prefix), plus optional KL anchors to the base model,
+over whatever parameters are handed to it, on the one training loop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from ..requests import EditRequest
+from ..training import LoopResult, LoopSettings, StepOutput, run_loop
+from .common import (
+    Example,
+    anchor_prompts,
+    collate,
+    edit_examples,
+    gate_mask,
+    kl_to_reference,
+    last_token_logprobs,
+    target_loss,
+    training_prefixes,
+)
+
+
+@dataclass
+class Chunk:
+    """One mini-batch of edit rows (then anchor rows), prepared once before training."""
+
+    batch: dict[str, torch.Tensor]
+    n_edit: int
+    n_anchor: int
+    ref_logp: torch.Tensor | None  # the base model's last-token log-probs on the anchors
+    first_target: torch.Tensor | None  # per anchor: its request target's first token
+
+
+def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
+              base: Callable[[], AbstractContextManager], progress: bool = True,
+              description: str = "SFT", after_step: Callable[[], None] | None = None,
+              gate: Callable[[torch.Tensor], AbstractContextManager] | None = None,
+              params: list[torch.nn.Parameter] | None = None) -> LoopResult:
+    """Train `params` (None: whatever of `model` requires grad) on the SFT objective.
+
+    With `config.batch_size` > 0 the requests are taken that many per optimizer step, in
+    turn (large-scale editing); the edit counts as learnt once every mini-batch was learnt
+    when last seen. Under `accelerate launch` each process takes its share of every
+    mini-batch (data parallel; gradients are averaged by the accelerator). `gate(mask)`
+    (gate=subject): a context in which the trained adapter acts only where `mask` is 1.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu",
+                              device_placement=False)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    size = getattr(config, "batch_size", 0) or len(requests)
+    chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
+    if any(len(c) < world for c in chunks):
+        raise ValueError(f"{world} processes need at least {world} requests per mini-batch "
+                         f"(got {min(map(len, chunks))})")
+    prefixes: tuple[str, ...] = ()
+    if config.prefixes:
+        with torch.no_grad(), base() as base_model:
+            prefixes = training_prefixes(base_model, tokenizer, config)
+    prepared = [prepare_chunk(tokenizer, c[rank::world], config, prefixes, base, gate is not None,
+                              next(model.parameters()).device) for c in chunks]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
+                            max_seconds=config.max_seconds, progress=progress,
+                            description=description, after_step=after_step)
+    return run_loop(model, params, _Steps(prepared, config, gate), settings,
+                    accelerator=accelerator)
+
+
+def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[str, ...],
+                  base: Callable[[], AbstractContextManager], gated: bool, device) -> Chunk:
+    """The rows of one mini-batch: each request after its prompt and each prefix, then the
+    anchor prompts (with the base model's predictions on them) when anchors are on."""
+    examples = edit_examples(tokenizer, chunk, prefixes=prefixes, append_eos=config.append_eos)
+    anchors: list[Example] = []
+    ref_logp = first_target = None
+    if (config.anchor_weight > 0 or config.spill_weight > 0) and config.anchors > 0:
+        pairs = anchor_prompts(chunk, config.anchors)
+        anchors = [Example(tokenizer(p)["input_ids"], []) for p, _ in pairs]
+        # the first token of each anchor's request target: the token an edit spills as
+        first_target = torch.tensor([examples[i * (config.prefixes + 1)].target_ids[0]
+                                     for _, i in pairs], device=device)
+        with torch.no_grad(), base() as base_model:
+            ref_logp = last_token_logprobs(base_model, collate(anchors, tokenizer.pad_token_id,
+                                                               device))
+    batch = collate(examples + anchors, tokenizer.pad_token_id, device)
+    if gated:
+        if not all(e.subject_positions for e in examples):
+            raise ValueError("gate: subject needs each request's subject in its prompt")
+        batch["gate"] = gate_mask(examples, len(examples) + len(anchors),
+                                  batch["input_ids"].shape[1], device)
+    return Chunk(batch, len(examples), len(anchors), ref_logp, first_target)
+
+
+class _Steps:
+    """The loop's step: the prepared mini-batches in turn, learnt once all of them were."""
+
+    def __init__(self, chunks: list[Chunk], config, gate) -> None:
+        self.chunks, self.config, self.gate = chunks, config, gate
+        self.learnt = [False] * len(chunks)
+        self.visits = 0
+
+    def __call__(self, model) -> StepOutput:
+        index = self.visits % len(self.chunks)
+        self.visits += 1
+        c, config = self.chunks[index], self.config
+        gated = self.gate(c.batch["gate"]) if self.gate is not None else contextlib.nullcontext()
+        with gated:
+            logits = model(input_ids=c.batch["input_ids"],
+                           attention_mask=c.batch["attention_mask"]).logits
+        loss, learnt, gap = target_loss(logits[:c.n_edit], c.batch["labels"][:c.n_edit],
+                                        config.margin)
+        self.learnt[index] = learnt
+        info = {"gap": gap}
+        if c.ref_logp is not None:
+            last = c.batch["attention_mask"][c.n_edit:].sum(dim=1) - 1
+            rows = torch.arange(c.n_anchor, device=logits.device)
+            logp = torch.log_softmax(logits[c.n_edit:][rows, last].float(), dim=-1)
+            if config.anchor_weight > 0:
+                kl = kl_to_reference(c.ref_logp, logp)
+                loss = loss + config.anchor_weight * kl
+                info["kl"] = float(kl.detach())
+            if config.spill_weight > 0:
+                rise = (logp[rows, c.first_target] - c.ref_logp[rows, c.first_target]).clamp(min=0)
+                loss = loss + config.spill_weight * rise.mean()
+        return StepOutput(loss=loss, learnt=all(self.learnt), info=info)
