@@ -16,6 +16,7 @@ call outlives it. It knows nothing of patches, routers or editors.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,20 +30,29 @@ class RowPlan:
     """Which rows of a batch each routed adapter runs on, for one forward.
 
     `gates[a]` (gated adapters only) is a (len(rows[a]), seq) 0/1 mask: the adapter acts
-    only at the positions where it is 1 (the subject's tokens)."""
+    only at the positions where it is 1 (the subject's tokens). `steps[a]`: in how many of
+    the cached generation steps that follow this forward adapter `a` still acts (absent:
+    all of them)."""
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
     stacks: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
     """Per LoRA layer: the fired adapters' weights stacked for batched products (filled on
     first use, so a plan reused over many generation steps stacks them once)."""
+    derived: dict[frozenset, RowPlan] = field(default_factory=dict, repr=False, compare=False)
 
-    def for_cached_steps(self) -> RowPlan:
-        """The plan for the cached generation steps that follow this plan's forward: gated
-        adapters stay off (a new token is never the subject's)."""
-        if not self.gates:
+    def at_step(self, step: int) -> RowPlan:
+        """The plan for the `step`-th cached generation step after this plan's forward
+        (step ≥ 1): adapters past their step limit are off, and gates do not apply (a new
+        token is never the subject's). Plans for equal adapter sets are shared."""
+        rows = {a: r for a, r in self.rows.items() if self.steps.get(a, step) >= step}
+        if len(rows) == len(self.rows) and not self.gates:
             return self
-        return RowPlan({a: r for a, r in self.rows.items() if a not in self.gates})
+        key = frozenset(rows)
+        if key not in self.derived:
+            self.derived[key] = RowPlan(rows)
+        return self.derived[key]
 
 
 class AdapterBank:
@@ -89,13 +99,17 @@ class AdapterBank:
         cover)."""
         from peft import get_peft_model
 
-        if self.peft is None:
-            self.peft = get_peft_model(self.model, config, adapter_name=name)
-        elif self._add_per_layer(name, config):
+        if self.peft is not None and self._add_per_layer(name, config):
             self.set_trainable([name], False)
             return "per-layer"
-        else:
-            self.peft.add_adapter(name, config)
+        with warnings.catch_warnings():
+            # PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecates: a
+            # warning about library internals a user can do nothing about
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            if self.peft is None:
+                self.peft = get_peft_model(self.model, config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, config)
         self._layers = None  # the adapter may target layers no other did
         # PEFT leaves adapters trainable and its layers in training mode: every adapter is
         # frozen (the editor unfreezes the one it trains) and answers in eval mode (a LoRA
@@ -298,8 +312,8 @@ def _run_rows(plan: RowPlan, module, args, output):
 
     Written by hand: PEFT's per-row `adapter_names` allows one adapter per row, and a query
     here may fire several. The (row, adapter) pairs are run as one batched product per
-    adapter rank, with the weights stacked once per plan (a loop over fired adapters cost
-    0.3 s per 32-prompt batch with 16 patches firing)."""
+    adapter rank, with the weights stacked once per plan, since a Python loop over fired
+    adapters costs a small product per adapter per layer."""
     x = args[0]
     dropout_free = not module.training or all(
         isinstance(module.lora_dropout[a], torch.nn.Identity)

@@ -12,6 +12,7 @@ stopped), `report.json`, `report.md` and `report.png`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from .datasets import Case, load_cases
 from .editor import Editor, peak_rss_mb
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
-from .fluency import fluency
+from .fluency import fluency_and_texts, repetition
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 STRATEGIES = ("stack", "shared", "routed")
-SUMMARY_KEYS = SCORE_KEYS + ("fluency", "multihop")
+SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "multihop")
 SCORE_CHUNK = 16
 """Cases scored in one `evaluate` call when a whole run is scored at once (the unedited
 baseline and the re-scoring after the last edit of a sequential run): their prompts run in
@@ -185,13 +186,26 @@ class Bench:
                     n = len(case.requests)
                     scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
                     scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
-                    scores["fluency"] = (fluency(model, ed.tokenizer, case.generation_prompts,
-                                                 self.s.seed) if fluency_on[start + j] else None)
+                    if fluency_on[start + j]:
+                        scores.update(self._fluency(model, case, baseline=refs is None))
+                    else:
+                        scores["fluency"] = scores["rep"] = None
                     out.append((scores, _slice_ref(ev.reference, i, i + n)))
                     i += n
                 if bar is not None:
                     bar.relabel_count(len(out), len(cases))
         return out
+
+    def _fluency(self, model, case: Case, baseline: bool) -> dict[str, Any]:
+        """fluency and rep on the case's generation prompts, and the first two texts. rep
+        counts the new target; for the unedited model, the old answer (the new target where
+        no old answer is given)."""
+        value, texts = fluency_and_texts(model, self.editor.tokenizer, case.generation_prompts,
+                                         self.s.seed)
+        answers = [(r.ground_truth or r.target_new) if baseline else r.target_new
+                   for r in case.requests]
+        return {"fluency": value, "rep": repetition(texts, answers),
+                "fluency_texts": [t[:400] for t in texts[:2]]}
 
     def edit_records(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
         started = time.perf_counter()
@@ -332,9 +346,10 @@ class Bench:
         if sequential:
             report["summary_immediate"] = summarize_rows([r["scores"] for r in rows])
         (self.out / "report.json").write_text(json.dumps(report, indent=2))
-        (self.out / "report.md").write_text(markdown([(self.out.name, report)]))
+        (self.out / "report.md").write_text(markdown([(self.out.name, report)]) + "\n"
+                                            + writing(rows, report))
         try:
-            figure(rows, self.out / "report.png", sequential)
+            figure(rows, report, self.out / "report.png")
         except Exception as exc:  # noqa: BLE001 - a missing figure must not lose the report
             log.warning("no figure: %s", exc)
         return report
@@ -432,7 +447,7 @@ def environment(editor: Editor) -> dict[str, Any]:
 
 
 TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
-              "loc_tf", "fluency", "multihop")
+              "loc_tf", "fluency", "rep", "multihop")
 
 
 def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
@@ -457,32 +472,72 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[dict[str, Any]], path: Path, sequential: bool) -> None:
+def writing(rows: list[dict[str, Any]], report: dict[str, Any], k: int = 5) -> str:
+    """Markdown: a flag when fluency falls below 95 % of the unedited model's, and the `k`
+    records with the lowest edited fluency, with their unedited and edited texts."""
+    s, b = report["summary"], report["baseline"]
+    out = []
+    if s.get("fluency") is not None and b.get("fluency"):
+        ratio = s["fluency"] / b["fluency"]
+        flag = "**below 95 % of the unedited model's: flagged**" if ratio < 0.95 else "kept"
+        out.append(f"Fluency {s['fluency']:.2f} against {b['fluency']:.2f} unedited "
+                   f"({100 * ratio:.0f} %): {flag}; rep {s.get('rep')} % against "
+                   f"{b.get('rep')} % unedited.\n")
+    scored = [(r, r.get("final") or r["scores"]) for r in rows]
+    lowest = sorted([x for x in scored if x[1].get("fluency") is not None],
+                    key=lambda x: x[1]["fluency"])[:k]
+    if lowest:
+        out.append(f"## The {len(lowest)} records with the lowest edited fluency\n")
+    for r, sc in lowest:
+        base = r["baseline"]
+        out.append(f"- **{r['case_id']}** {r['prompt']!r} → {r['target_new']!r}: fluency "
+                   f"{sc['fluency']:.2f} (unedited {_fmt(base.get('fluency'))}), rep "
+                   f"{_fmt(sc.get('rep'))} (unedited {_fmt(base.get('rep'))})")
+        for label, texts in (("unedited", base.get("fluency_texts")),
+                             ("edited", sc.get("fluency_texts"))):
+            if texts:
+                out.append(f"  - {label}: " + texts[0].replace("\n", " ⏎ ").replace("|", "\\|"))
+    return "\n".join(out) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+FIGURE_KEYS = ("rel", "gen", "loc", "port", "rep")
+
+
+def figure(rows: list[dict[str, Any]], report: dict[str, Any], path: Path) -> None:
+    """The scores edited beside unedited (rel, gen, loc, port, rep in %; fluency on its
+    own axis); in sequential mode also rel/gen/loc right after each edit as edits add up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sequential = "summary_immediate" in report
+    fig, axes = plt.subplots(1, 3 if sequential else 2, figsize=(13 if sequential else 9, 3.8),
+                             gridspec_kw={"width_ratios": [4, 1] + ([4] if sequential else [])})
+    s, b = report["summary"], report["baseline"]
+    keys = [k for k in FIGURE_KEYS if s.get(k) is not None or b.get(k) is not None]
+    xs = range(len(keys))
+    for offset, (label, src) in ((-0.2, ("unedited", b)), (0.2, ("edited", s))):
+        axes[0].bar([x + offset for x in xs], [src.get(k) or 0 for k in keys], 0.4, label=label)
+        axes[1].bar([offset], [src.get("fluency") or 0], 0.4, label=label)
+    axes[0].set_xticks(list(xs), keys)
+    axes[0].set_ylabel("%")
+    axes[0].set_ylim(0, 105)
+    axes[0].legend()
+    axes[1].set_xticks([0], ["fluency"])
+    axes[1].set_ylabel("n-gram entropy")
     if sequential:
-        fig, ax = plt.subplots(figsize=(7, 4))
         for key in ("rel", "gen", "loc"):
-            vals = [r["scores"].get(key) for r in rows]
-            pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
-            running = []
-            total = 0.0
-            for j, (_, v) in enumerate(pts):
-                total += v
-                running.append(total / (j + 1))
-            ax.plot([p[0] for p in pts], running, label=f"{key} (right after each edit, running mean)")
-        ax.set_xlabel("number of edits")
-        ax.set_ylabel("%")
-        ax.legend()
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        axes[0].hist([r["steps"] for r in rows], bins=20)
-        axes[0].set_xlabel("optimizer steps per edit")
-        axes[1].hist([r["edit_seconds"] for r in rows], bins=20)
-        axes[1].set_xlabel("seconds per edit")
+            vals = [v for v in (r["scores"].get(key) for r in rows) if v is not None]
+            running = [t / (i + 1) for i, t in enumerate(itertools.accumulate(vals))]
+            axes[2].plot(range(1, len(running) + 1), running, label=f"{key} right after each edit")
+        axes[2].set_xlabel("number of edits")
+        axes[2].legend()
+    fig.suptitle(f"{report['config']['method']}, {report['config']['mode']}, n {s.get('n')}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -42,6 +42,8 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 DEMO_PARAPHRASE = "Where is the Eiffel Tower? It stands in the city of"
 DEMO_NEIGHBORS = ["The Louvre is located in the city of", "The capital of Germany is"]
+DEMO_FREE_TEXT = ["The Eiffel Tower is", "Visitors to the Eiffel Tower can"]
+DEMO_FREE_TOKENS = 40
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
                         help="Alias (smollm2-135m, the embedded default), local HF folder or hub id.")
@@ -66,9 +68,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _store(store: Path | None) -> PatchStore:
-    from .editor import default_store
+    from .models import knowpatch_home
 
-    return PatchStore(store) if store else default_store()
+    return PatchStore(store if store else knowpatch_home() / "patches")
 
 
 def _editor(model: str, device: str, dtype: str | None, store: Path | None):
@@ -159,6 +161,16 @@ def _demo(model, device, dtype, store, target) -> None:
         table.add_row(prompt, kind, repr(b), repr(a), mark)
     out.print(table)
     out.print(_scores_table([("unedited", patch.baseline), ("LoRA SFT", patch.scores)]))
+    # free text about the subject: an edit must not make the model repeat its new answer
+    free = Table(title=f"free text about the subject ({DEMO_FREE_TOKENS} greedy tokens)",
+                 title_justify="left")
+    for col in ("prompt", "model", "text"):
+        free.add_column(col)
+    for prompt in DEMO_FREE_TEXT:
+        for label, patches in (("unedited", []), ("edited", [patch])):
+            text = editor.generate(prompt, patches=patches, max_new_tokens=DEMO_FREE_TOKENS)[0]
+            free.add_row(prompt, label, repr(text))
+    out.print(free)
     out.print(f"edit: {patch.seconds:.2f} s, {patch.steps} optimizer steps, "
               f"{patch.manifest['trainable_params']:,} trainable parameters "
               f"({100 * patch.manifest['trainable_fraction']:.2f} % of the model), "
@@ -188,7 +200,9 @@ def edit(
                                f"{AUTO_FULL_SFT_FROM} facts in one patch, DPO for preference "
                                "pairs; it says which and why)."),
     ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
-    subject: str | None = typer.Option(None, help="The subject the fact is about."),
+    subject: str | None = typer.Option(None, help="The subject the fact is about, as the prompt "
+                                       "spells it (the router keys the patch by it; found in "
+                                       "the prompt when not given)."),
     paraphrase: list[str] | None = typer.Option(None, help="A paraphrase that should follow "
                                                    "the edit (repeatable; scores gen)."),
     neighbor: list[str] | None = typer.Option(None, help="A prompt that must not change "
@@ -278,7 +292,11 @@ def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphra
         "scores": _json_scores(patch.scores), "baseline": _json_scores(patch.baseline),
         "steps": patch.steps, "seconds": patch.seconds,
         "peak_rss_mb": patch.manifest["peak_rss_mb"], "patch": str(patch.path),
+        "subjects_inferred": patch.manifest.get("subjects_inferred", {}),
     }
+    for i, subject in result["subjects_inferred"].items():
+        err.print(f"request {i}: no --subject given; the patch is routed by the subject found "
+                  f"in the prompt: [bold]{subject}[/]")
     if as_json:
         print(json.dumps(result))
         return

@@ -17,13 +17,14 @@ from .router import Route
 class RoutedForwards:
     """For one block of forwards: before each forward of `model`, a new batch (token ids,
     attention mask) is routed by `decide(rows, columns, width)` and runs with the adapter
-    bank's plan for it; a cached generation step keeps the plan of the batch it continues
-    (gated adapters off). The bank's hooks go when the forward ends, the model's when the
+    bank's plan for it; a cached generation step runs that batch's plan for its step (see
+    `RowPlan.at_step`). The bank's hooks go when the forward ends, the model's when the
     block does."""
 
     def __init__(self, model, bank: AdapterBank, decide: Callable[..., RowPlan]):
         self.model, self.bank, self.decide = model, bank, decide
-        self.cached = RowPlan()  # the plan for cached steps of the last routed batch
+        self.decided = RowPlan()  # the plan of the last routed batch
+        self.step = 0  # cached generation steps since that batch
         self.routing = False  # the router's own forward of the base model is running
         self.running = contextlib.ExitStack()
 
@@ -45,7 +46,8 @@ class RoutedForwards:
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values", kwargs.get("cache"))  # the name varies by version
         if ids is None or (past is not None and past.get_seq_length() > 0):
-            plan = self.cached
+            self.step += 1
+            plan = self.decided.at_step(self.step)
         else:
             mask = kwargs.get("attention_mask")
             if mask is not None:
@@ -58,7 +60,7 @@ class RoutedForwards:
                 plan = self.decide(rows, columns, ids.shape[1])
             finally:
                 self.routing = False
-            self.cached = plan.for_cached_steps()
+            self.decided, self.step = plan, 0
         self.running.enter_context(self.bank.running(plan))
 
     def after(self, *_args: Any) -> None:
@@ -66,10 +68,11 @@ class RoutedForwards:
             self.running.close()
 
 
-def row_plan(routes: list[Route], keyed: list[str], gated: set[str],
+def row_plan(routes: list[Route], keyed: list[str], gated: set[str], step_limits: dict[str, int],
              columns: list[torch.Tensor] | None, width: int, device) -> RowPlan:
     """The rows each fired patch runs on; for gated patches (with `columns`), a mask that is
-    1 at the tokens where the router found the subject."""
+    1 at the tokens where the router found the subject; the cached generation steps that
+    patches with a limit act in."""
     rows = {}
     for p in keyed:
         fired = [i for i, r in enumerate(routes) if p in r.fired]
@@ -84,4 +87,4 @@ def row_plan(routes: list[Route], keyed: list[str], gated: set[str],
                 if at:
                     gate[k, columns[r][at].to(device)] = 1.0
             gates[p] = gate
-    return RowPlan(rows, gates)
+    return RowPlan(rows, gates, {p: step_limits[p] for p in rows if p in step_limits})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -38,10 +37,11 @@ from .evaluate import evaluate as run_evaluation
 from .methods import AUTO, Method, choose_method, get_method
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .patches import Patch, PatchStore, make_manifest, new_patch_id
-from .preferences import check_pairs, preference_report
-from .requests import EditRequest, as_requests, check_all_fit
+from .preferences import edit_preferences
+from .requests import EditRequest, as_requests, check_all_fit, encode_completion
 from .router import Route, Router, compute_keys, fact_of, merge_keys
-from .training import LoopResult
+from .subjects import with_subjects
+from .training import LoopResult, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ log = logging.getLogger(__name__)
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed launch (accelerate / torchrun)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def default_store() -> PatchStore:
-    return PatchStore(knowpatch_home() / "patches")
 
 
 @dataclasses.dataclass
@@ -81,7 +72,7 @@ class Editor:
         self.fingerprint = fingerprint(model)
         self.base_params = sum(p.numel() for p in model.parameters())
         self.store = store if isinstance(store, PatchStore) else (
-            PatchStore(store) if store else default_store())
+            PatchStore(store) if store else PatchStore(knowpatch_home() / "patches"))
         self.progress = progress
         self.routing = True
         """Route keyed patches per query (False: every applied patch acts on every query)."""
@@ -91,6 +82,7 @@ class Editor:
         self._loaded: dict[str, Patch] = {}  # patches in a bank
         self._applied: list[str] = []  # patches active for generate/evaluate
         self._gated: set[str] = set()  # patches whose adapter acts at subject tokens only
+        self._step_limits: dict[str, int] = {}  # patch -> cached generation steps it acts in
 
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_MODEL, *, device: str = "auto",
@@ -133,12 +125,22 @@ class Editor:
 
     def register_keys(self, patch: Patch) -> None:
         """Give the router `patch`'s keys (if it has any), as its manifest sets them."""
-        info = patch.routing
-        if info is not None:
-            self.router.add(patch.id, patch.keys, info["layer"], info["threshold"],
-                            frozenset(info.get("facts", [])))
-            if (patch.manifest.get("config") or {}).get("gate") == "subject":
-                self._gated.add(patch.id)
+        if patch.routing is not None:
+            self._register(patch.id, patch.keys, patch.routing,
+                           (patch.manifest.get("config") or {}).get("gate", "all"))
+
+    def _register(self, patch_id: str, keys: dict[str, torch.Tensor], info: dict[str, Any],
+                  gate: str) -> None:
+        """Route `patch_id` by `keys`; `gate` says where its adapter acts in a routed query:
+        all (every position), subject (the subject's tokens, no generated token) or answer
+        (the query and the first generated tokens, as many as its answer has)."""
+        self.router.add(patch_id, keys, info["layer"], info["threshold"],
+                        frozenset(info.get("facts", [])))
+        if gate == "subject":
+            self._gated.add(patch_id)
+            self._step_limits[patch_id] = 0
+        elif gate == "answer" and info.get("answer_tokens"):
+            self._step_limits[patch_id] = info["answer_tokens"] - 1
 
     def superseded(self) -> dict[str, str]:
         """Loaded patches whose every fact a newer loaded patch rewrites: {old: new}."""
@@ -186,6 +188,7 @@ class Editor:
             del self._loaded[name]
             self.router.remove(name)
             self._gated.discard(name)
+            self._step_limits.pop(name, None)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active on every row (none: the base model's exact forward)."""
@@ -234,12 +237,14 @@ class Editor:
         every row. `columns[r]`: where row r's tokens sit in a batch of `width` (for gates)."""
         keyed = [c for c in candidates if c in self.router]
         routes = [Route([], {}) for _ in rows]
-        if keyed:
-            self.adapters.activate([])  # the router reads the base model (deltas stay)
+        if keyed:  # the router reads the base model, as the keys were read
+            self.deltas.set_active([])
+            self.adapters.activate([])
             routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id,
                                             keyed, locate=self._gated)
         self._activate([c for c in candidates if c not in self.router])
-        return routes, row_plan(routes, keyed, self._gated, columns, width, self.device)
+        return routes, row_plan(routes, keyed, self._gated, self._step_limits, columns, width,
+                                self.device)
 
     def generate(self, prompts: str | Sequence[str], *, patches=None,
                  max_new_tokens: int = 20) -> list[str]:
@@ -281,24 +286,32 @@ class Editor:
         module = get_method(method)
         cfg = build_config(module.Config, config if config is None or isinstance(config, dict)
                            else dataclasses.asdict(config), overrides, where=method)
+        kind = module.kind(cfg)
+        inferred = {}
+        if kind == "lora" and getattr(cfg, "route", False):  # routed by subject: find missing ones
+            with self.using([]) as base:
+                requests, inferred = with_subjects(base, self.tokenizer, requests)
+            for i, subject in inferred.items():
+                log.warning("request %d: no subject given; routed by the inferred %r", i, subject)
         baseline = None
         if evaluate:
             with self.using([]) as base:
                 baseline = run_evaluation(base, self.tokenizer, requests)
-        kind = module.kind(cfg)
         if kind == "delta":
             trained = self._train_delta(module, requests, cfg, into, options)
         else:
             trained = self._train_lora(module, requests, cfg, into, options)
         facts = sorted({fact_of(r) for r in requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
-        self._key(trained, cfg, facts)
+        routing = self._key(trained, cfg, facts, requests, into)
         edited = None
         if baseline is not None:
             with self.using_names([trained.patch_id]) as model:
                 edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
-        manifest = self._manifest(trained, requests, method, kind, cfg, into, facts,
-                                  edited, baseline, auto_why)
+        manifest = self._manifest(
+            trained, requests, method, kind, cfg, into, edited, baseline, router=routing,
+            chosen_by=auto_why and f"auto: {auto_why}",
+            subjects_inferred={str(i): v for i, v in inferred.items()} or None)
         patch = self._install(trained, manifest, into)
         if save and is_main_process():  # under accelerate launch, one process writes
             if patch.path is not None:
@@ -317,19 +330,28 @@ class Editor:
         log.warning("method auto: chose %s (%s)", method, why)
         return method, why
 
-    def _key(self, trained: Trained, cfg: Any, facts: list[str]) -> None:
-        """Route the new patch from its own first evaluation on, as it will be in use."""
+    def _key(self, trained: Trained, cfg: Any, facts: list[str], requests: list[EditRequest],
+             into: Patch | None) -> dict[str, Any] | None:
+        """Route the new patch from its own first evaluation on, as it will be in use; the
+        router settings for its manifest (None: unrouted)."""
         self.router.remove(trained.patch_id)
         self._gated.discard(trained.patch_id)
-        if trained.keys is not None:
-            self.router.add(trained.patch_id, trained.keys, cfg.route_layer,
-                            cfg.route_threshold, frozenset(facts))
-            if getattr(cfg, "gate", "all") == "subject":
-                self._gated.add(trained.patch_id)
+        self._step_limits.pop(trained.patch_id, None)
+        if trained.keys is None:
+            return None
+        answer = max(len(encode_completion(self.tokenizer, r.prompt, r.target_new)[1])
+                     for r in requests)
+        previous = ((into.manifest if into is not None else {}).get("router") or {})
+        info = {"layer": cfg.route_layer, "threshold": cfg.route_threshold,
+                "keys": len(trained.keys["keys"]), "facts": facts,
+                "answer_tokens": max(answer, previous.get("answer_tokens") or 0)}
+        self._register(trained.patch_id, trained.keys, info, getattr(cfg, "gate", "all"))
+        return info
 
     def _manifest(self, trained: Trained, requests: list[EditRequest], method: str, kind: str,
-                  cfg: Any, into: Patch | None, facts: list[str], edited: Evaluation | None,
-                  baseline: Evaluation | None, auto_why: str | None) -> dict[str, Any]:
+                  cfg: Any, into: Patch | None, edited: Evaluation | None,
+                  baseline: Evaluation | None, **extra: Any) -> dict[str, Any]:
+        """The patch's manifest; `extra` entries that are not None are added as they are."""
         n_params = sum(v.numel() for v in trained.weights.values())
         previous = into.manifest if into is not None else {}
         manifest = make_manifest(
@@ -344,11 +366,7 @@ class Editor:
             trainable_fraction=round(n_params / self.base_params, 6),
             peak_rss_mb=peak_rss_mb(), **trained.result.extra,
         )
-        if auto_why is not None:
-            manifest["chosen_by"] = f"auto: {auto_why}"
-        if trained.keys is not None:
-            manifest["router"] = {"layer": cfg.route_layer, "threshold": cfg.route_threshold,
-                                  "keys": len(trained.keys["keys"]), "facts": facts}
+        manifest.update({k: v for k, v in extra.items() if v is not None})
         if into is not None:
             manifest["edits"] = previous.get("edits", 1) + 1
         return manifest
@@ -390,7 +408,7 @@ class Editor:
             started = time.perf_counter()
             self.adapters.set_dropout(patch_id, True)
             options = {**options, "params": self.adapters.params(patch_id)}
-            if getattr(cfg, "gate", "all") == "subject":
+            if getattr(cfg, "gate", "all") == "subject" or getattr(cfg, "keep_weight", 0):
                 options["gate"] = lambda mask: self.adapters.gated(patch_id, mask)
             try:
                 result = module.train(self.model, self.tokenizer, requests, cfg,
@@ -458,22 +476,8 @@ class Editor:
 
         Returns (patch, report); the report is also in the manifest under "preference".
         """
-        pairs = as_requests(pairs)
-        check_pairs(pairs, heldout)
-        if method == AUTO:
-            method, why = choose_method(len(pairs), preferences=True)
-            log.warning("method auto: chose %s (%s)", method, why)
-        if method != "dpo":
-            raise KnowpatchError(f"method: preference pairs are trained with dpo (got {method!r})")
-        overrides.setdefault("route", False)  # a behaviour has no subject to route by
-
-        def train(train_set: list[EditRequest]) -> Patch:
-            return self.edit(train_set, method, save=False, evaluate=False,
-                             train_options={"pairs": True}, **overrides)
-
-        patch, report = preference_report(self, pairs, train, heldout=heldout, seed=seed,
-                                          samples=samples)
-        patch.manifest["preference"] = report
+        patch, report = edit_preferences(self, as_requests(pairs), heldout=heldout,
+                                         method=method, seed=seed, samples=samples, **overrides)
         if save and is_main_process():
             self.store.save(patch)
         return patch, report

@@ -53,8 +53,26 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, t
     return out
 
 
-def fluency(model, tokenizer, prompts: list[str], seed: int = 0) -> float | None:
-    if not prompts:
+def repetition(texts: list[str], answers: list[str], times: int = 3) -> float | None:
+    """`rep`: the share (%) of `texts` in which one of `answers` occurs `times` or more
+    times (whole words, case-insensitive) — an edit that collapses free text about its
+    subject into the new answer ("Prescott Prescott Prescott …") shows here directly."""
+    answers = [a.strip() for a in answers if a and a.strip()]
+    if not texts or not answers:
         return None
+    patterns = [re.compile(rf"(?<!\w){re.escape(a)}(?!\w)", re.IGNORECASE) for a in answers]
+    return 100.0 * sum(any(len(p.findall(t)) >= times for p in patterns)
+                       for t in texts) / len(texts)
+
+
+def fluency(model, tokenizer, prompts: list[str], seed: int = 0) -> float | None:
+    return fluency_and_texts(model, tokenizer, prompts, seed)[0]
+
+
+def fluency_and_texts(model, tokenizer, prompts: list[str], seed: int = 0
+                      ) -> tuple[float | None, list[str]]:
+    """ROME's fluency of `prompts`' samples, and the sampled texts."""
+    if not prompts:
+        return None, []
     texts = sample(model, tokenizer, prompts, seed=seed)
-    return sum(ngram_entropy(t) for t in texts) / len(texts)
+    return sum(ngram_entropy(t) for t in texts) / len(texts), texts

@@ -3,13 +3,16 @@ the held-out pairs scored before and after the patch (see `Editor.edit_preferenc
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Callable
 from typing import Any
 
 from .errors import KnowpatchError
 from .evaluate import greedy, teacher_forced
+from .methods import AUTO, choose_method
 from .requests import EditRequest
+
+log = logging.getLogger(__name__)
 
 
 def check_pairs(pairs: list[EditRequest], heldout: float) -> None:
@@ -44,16 +47,25 @@ def measure(editor, probe: list[EditRequest], patches: list, samples: int
     return round(acc, 2), round(sum(margins) / len(margins), 4), texts
 
 
-def preference_report(editor, pairs: list[EditRequest], train: Callable[[list[EditRequest]], Any],
-                      *, heldout: float, seed: int, samples: int) -> tuple[Any, dict[str, Any]]:
-    """Train a patch with `train(training pairs)` and measure it on the held-out pairs (the
-    training pairs when none are held out) before and after: (patch, report)."""
+def edit_preferences(editor, pairs: list[EditRequest], *, heldout: float, method: str,
+                     seed: int, samples: int, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    """`Editor.edit_preferences` without the save: train one DPO patch on the training
+    pairs and measure the held-out pairs (the training pairs when none are held out) before
+    and after: (patch, report), the report also in the manifest under "preference"."""
+    check_pairs(pairs, heldout)
+    if method == AUTO:
+        method, why = choose_method(len(pairs), preferences=True)
+        log.warning("method auto: chose %s (%s)", method, why)
+    if method != "dpo":
+        raise KnowpatchError(f"method: preference pairs are trained with dpo (got {method!r})")
+    overrides.setdefault("route", False)  # a behaviour has no subject to route by
     train_set, held = split_pairs(pairs, heldout, seed)
     probe = held or train_set
     acc0, margin0, gen0 = measure(editor, probe, [], samples)
-    patch = train(train_set)
+    patch = editor.edit(train_set, method, save=False, evaluate=False,
+                        train_options={"pairs": True}, **overrides)
     acc1, margin1, gen1 = measure(editor, probe, [patch], samples)
-    return patch, {
+    patch.manifest["preference"] = report = {
         "pref_acc_before": acc0, "pref_acc_after": acc1, "margin_before": margin0,
         "margin_after": margin1, "steps": patch.steps, "seconds": patch.seconds,
         "pairs_trained": len(train_set), "pairs_heldout": len(held),
@@ -61,3 +73,4 @@ def preference_report(editor, pairs: list[EditRequest], train: Callable[[list[Ed
         "samples": [{"prompt": p.prompt, "before": b, "after": a}
                     for p, b, a in zip(probe, gen0, gen1)],
     }
+    return patch, report

@@ -62,6 +62,9 @@ class EditRequest:
             if not self.subject:
                 raise field_error("subject", "is required when prompt holds '{}'", self.prompt)
             self.prompt = self.prompt.replace("{}", self.subject)
+        if self.subject and self.subject not in self.prompt:
+            raise field_error("subject", "does not occur in the prompt "
+                              f"{self.prompt!r} (the router keys the edit by it)", self.subject)
         self.rephrase_prompts = [
             check_text(f"rephrase_prompts[{i}]", p) for i, p in enumerate(_as_list(self.rephrase_prompts))
         ]

@@ -237,8 +237,8 @@ class Router:
     def score_rows(self, hidden: list[dict[int, torch.Tensor]], candidates: list[str] | None = None
                    ) -> list[tuple[dict[str, float], list[str]]]:
         """`score` for many queries at once, and the patches each fires: one padded
-        product per layer against every key (written by hand, vectorised over rows: scoring
-        row by row cost 0.07 s per 32-query batch at 1,000 patches, profiled)."""
+        product per layer against every key (written by hand, vectorised over rows: the
+        store-sized part of a routed query)."""
         candidates = tuple(self.entries if candidates is None else candidates)
         out: list[tuple[dict[str, float], list[str]]] = [({}, []) for _ in hidden]
         layers = sorted({layer for h in hidden for layer in h})

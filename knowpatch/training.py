@@ -10,6 +10,7 @@ under `accelerate launch` on several processes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def run_loop(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     # One plain process (no mixed precision, nothing distributed): preparing the model does
     # nothing for it but `verify_device_map`, a walk over every module — every loaded
-    # adapter's too (1.1 s per edit with 1,000 patches loaded, profiled). Skipped there.
+    # adapter's too, so its cost grows with the store. Skipped there.
     plain = _plain(accelerator)
     if plain:
         prepared, optimizer = model, accelerator.prepare(optimizer)
@@ -106,8 +107,8 @@ def run_loop(
             progress.stop()
         optimizer.zero_grad(set_to_none=True)
         # free_memory() ends in gc.collect(), a full collection whose cost grows with every
-        # live object (0.56 s per edit with 1,000 patches loaded, profiled); one plain
-        # process needs none of it (the accelerator and its references die with this call)
+        # live object, every loaded adapter's included; one plain process needs none of it
+        # (the accelerator and its references die with this call)
         if not plain:
             accelerator.free_memory()
     return LoopResult(steps=steps, learnt=learnt, seconds=time.perf_counter() - start,
@@ -124,6 +125,11 @@ def _update(accelerator: Accelerator, optimizer, params, loss: torch.Tensor,
     optimizer.step()
     if settings.after_step is not None:
         settings.after_step()
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (accelerate / torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _agree(accelerator: Accelerator, loss: torch.Tensor, learnt: bool) -> tuple[float, bool]:

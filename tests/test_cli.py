@@ -22,7 +22,8 @@ def test_edit_json_is_one_object_on_stdout(tiny_dir, tmp_path):
               "--json", *FAST)
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)  # the whole of stdout parses: nothing else is printed
-    assert set(data) == {"scores", "baseline", "steps", "seconds", "peak_rss_mb", "patch"}
+    assert set(data) == {"scores", "baseline", "steps", "seconds", "peak_rss_mb", "patch",
+                         "subjects_inferred"}
     for key in ("score", "rel", "gen", "loc", "es", "ps", "ns", "rel_tf", "gen_tf", "loc_tf"):
         assert key in data["scores"] and key in data["baseline"]
     assert data["scores"]["rel"] == 100.0 and data["baseline"]["loc"] == 100.0
@@ -194,3 +195,27 @@ def test_merge_writes_a_standalone_model_with_the_edit(tiny_dir, tmp_path):
         assert tok.decode([top]) == " Rome"
         again = run("patches", "merge", patch, "--out", merged, "--model", tiny_dir, "--store", store)
         assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_subject_missing_from_the_prompt_is_refused_by_name(tiny_dir, tmp_path):
+    store = tmp_path / "store"
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--subject", "Colosseum", *FAST)
+    assert res.exit_code == 2
+    assert "subject: does not occur in the prompt" in res.stderr
+    assert not store.exists() or not any(store.iterdir())  # nothing written
+
+
+def test_edit_without_subject_routes_by_the_subject_found(tiny_dir, tmp_path):
+    """No --subject: one is found in the prompt, said on stderr, recorded in the manifest,
+    and the patch is keyed by it (not left acting on every query)."""
+    store = tmp_path / "store"
+    res = run("edit", "--model", tiny_dir, "--store", store, "-p", PROMPT, "-t", "Rome",
+              "--json", *FAST)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    found = data["subjects_inferred"]["0"]
+    assert found in PROMPT and found in res.stderr
+    manifest = json.loads(run("patches", "show", data["patch"]).stdout)
+    assert manifest["requests"][0]["subject"] == found
+    assert manifest["router"]["keys"] >= 1

@@ -73,8 +73,14 @@ def test_full_sft_delta_patch_restores_base_bit_for_bit(tiny_editor):
 def test_delta_and_lora_patches_stack_and_unstack(tiny_editor):
     base = _logits(tiny_editor)
     delta = tiny_editor.edit(_req(), method="full-sft", evaluate=False, **FULL)
+    # the LoRA patch is trained on the base weights and answers on top of the delta, whose
+    # edit spills onto every prompt of this tiny model: it needs the full margin it learnt
+    # (keep_weight's preservation term trades some of it for text after the answer)
     lora = tiny_editor.edit(EditRequest(GERMANY, "Paris"), evaluate=False, lr=3e-2,
-                            modules=["all"], layers="all", prefixes=0, max_steps=60)
+                            modules=["all"], layers="all", prefixes=0, max_steps=60,
+                            keep_weight=0.0)
+    assert lora.manifest["subjects_inferred"] == {"0": "Germany"}
+    assert tiny_editor.route([GERMANY])[0].fired == [lora.id]
     assert tiny_editor.generate([PROMPT, GERMANY], max_new_tokens=1) == [" Rome", " Paris"]
     tiny_editor.remove(delta)
     tiny_editor.remove(lora)

@@ -51,9 +51,11 @@ def test_subject_span_and_keys_come_from_the_edit_prompt(tiny_editor):
     keys = compute_keys(tiny_editor.model, tok, [EIFFEL], layer=1)
     assert keys["keys"].shape == (len(span), tiny_editor.model.config.hidden_size)
     assert torch.allclose(keys["keys"].norm(dim=-1), torch.ones(len(span)))
-    # a subject missing from its prompt cannot be keyed
-    assert compute_keys(tiny_editor.model, tok, [EditRequest("Hello there", "x", subject="Zorro")],
-                        1) is None
+    # a request without a subject cannot be keyed; one whose subject is not in its prompt
+    # is refused when it is made
+    assert compute_keys(tiny_editor.model, tok, [EditRequest("Hello there", "x")], 1) is None
+    with pytest.raises(ValueError, match="subject: does not occur in the prompt"):
+        EditRequest("Hello there", "x", subject="Zorro")
 
 
 def test_hidden_rows_match_unbatched_rows(tiny_editor):
@@ -312,3 +314,91 @@ def test_rows_scored_together_match_rows_scored_one_by_one():
         assert router.decide(scores, fired).fired == router.decide(alone).fired
         fired_any += len(fired)
     assert fired_any > 0  # the thresholds let some fire: the comparison covers fired patches
+
+
+def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_editor):
+    """gate=answer: in a routed generation the adapter acts on the prompt and on the first
+    n-1 generated tokens (n = the answer's tokens), then the base weights continue, reading
+    the edited context through the cache. Checked against the same steps run by hand."""
+    req = EditRequest("The Eiffel Tower is located in the city of", "Reykjavik Harbour",
+                      subject="Eiffel Tower")
+    patch = tiny_editor.edit(req, evaluate=False, gate="answer", **FAST)
+    n = patch.manifest["router"]["answer_tokens"]
+    assert n >= 2 and patch.manifest["learnt"]
+    routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 4)[0]
+    assert routed.startswith(" Reykjavik Harbour")
+    bank, model = tiny_editor.adapters, tiny_editor.model
+    ids = torch.tensor([tiny_editor.tokenizer(req.prompt)["input_ids"]])
+    out, tokens = None, []
+    with torch.no_grad():
+        for step in range(n + 4):
+            bank.activate([patch.id] if step < n else [])  # step 0: the prompt's forward
+            if out is None:
+                out = model(input_ids=ids, use_cache=True)
+            else:
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
+                            use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    bank.activate([p.id for p in tiny_editor.applied])
+    assert routed == tiny_editor.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_rep_counts_generations_that_repeat_the_answer():
+    from knowpatch.fluency import repetition
+
+    texts = ["Prescott Prescott and prescott.", "a Prescott b Prescott", "Prescotts x3 Prescott"]
+    assert repetition(texts, ["Prescott"]) == pytest.approx(100 / 3)
+    assert repetition(texts, [" Prescott", "b"]) == pytest.approx(100 / 3)
+    assert repetition(texts, ["Paris"]) == 0.0
+    assert repetition([], ["Paris"]) is None
+
+
+def test_keep_term_trains_under_the_answer_gate_and_holds_the_text_after_the_answer(tiny_editor):
+    """keep_weight: the text the base model writes after "prompt + answer" is trained to
+    read as the base model reads it, with the adapter off on it (gate=answer) as in a routed
+    generation. The edit is still learnt, and the edited model's predictions on that text
+    stay closer to the base model's than without the term."""
+    from knowpatch.methods import common
+    from knowpatch.methods.sft import prepare_chunk
+
+    tok = tiny_editor.tokenizer
+    with tiny_editor.using([]) as base:
+        keep = common.keep_examples(base, tok, [EIFFEL], tokens=8, seed=0)
+    assert len(keep[0].target_ids) == 8
+    head = common.encode_completion(tok, EIFFEL.prompt, EIFFEL.target_new)
+    assert keep[0].prompt_ids == head[0] + head[1]
+
+    def kl_after_answer(patch) -> float:
+        batch = common.collate(keep, tok.pad_token_id, torch.device("cpu"))
+        with torch.no_grad():
+            with tiny_editor.using([]) as base:
+                ref = common.continuation_logprobs(base(**{k: batch[k] for k in (
+                    "input_ids", "attention_mask")}).logits, batch)
+            gate = torch.ones(batch["input_ids"].shape)
+            gate[0, len(keep[0].prompt_ids):] = 0
+            with tiny_editor.adapters.gated(patch.id, gate):
+                logits = tiny_editor.model(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).logits
+        return float(common.kl_to_reference(ref, common.continuation_logprobs(logits, batch)))
+
+    plain = tiny_editor.edit(EIFFEL, evaluate=False, gate="answer", keep_weight=0.0, **FAST)
+    without = kl_after_answer(plain)
+    tiny_editor.remove(plain)
+    kept = tiny_editor.edit(EIFFEL, evaluate=False, gate="answer", keep_weight=5.0,
+                            keep_tokens=8, **FAST)
+    assert kept.manifest["learnt"]
+    assert kl_after_answer(kept) < without
+    # the training gate: every edit row everywhere, the kept text not after the answer
+    cfg = lora_config(gate="answer", keep_weight=1.0, keep_tokens=8, prefixes=0)
+    with tiny_editor.using([]):
+        chunk = prepare_chunk(tok, [EIFFEL], cfg, (), lambda: tiny_editor.using([]), True,
+                              torch.device("cpu"))
+    gate = chunk.batch["gate"]
+    assert gate[0].all() and gate[1, :len(keep[0].prompt_ids)].all()
+    assert not gate[1, len(keep[0].prompt_ids):].any()
+
+
+def lora_config(**kw):
+    from knowpatch.methods.lora_sft import Config
+
+    return Config(**kw)

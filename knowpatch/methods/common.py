@@ -197,3 +197,36 @@ def lora_config(model, *, rank: int, alpha: float, dropout: float, modules: list
     targets = linear_modules(model, modules, parse_layers(layers, n_layers))
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
+
+
+@torch.no_grad()
+def keep_examples(base_model, tokenizer, requests: list[EditRequest], tokens: int,
+                  seed: int) -> list[Example]:
+    """For each request, "prompt + new answer" followed by `tokens` tokens the base model
+    samples after it (top-k 5, seeded): the text an edited model writes after its answer,
+    which a preservation term holds to the base model's own reading of it (`prompt_ids`:
+    prompt and answer; `target_ids`: the continuation)."""
+    device = next(base_model.parameters()).device
+    heads = [sum(encode_completion(tokenizer, r.prompt, r.target_new), []) for r in requests]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        out = []
+        for head in heads:
+            gen = base_model.generate(input_ids=torch.tensor([head], device=device),
+                                      attention_mask=torch.ones(1, len(head), device=device,
+                                                                dtype=torch.long),
+                                      do_sample=True, top_k=5, top_p=None, temperature=1.0,
+                                      max_new_tokens=tokens, min_new_tokens=tokens,
+                                      pad_token_id=tokenizer.pad_token_id)
+            out.append(Example(head, gen[0, len(head):].tolist()))
+    finally:
+        torch.random.set_rng_state(state)
+    return out
+
+
+def continuation_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs at the positions that predict each row's labelled tokens, flattened:
+    (positions, vocab)."""
+    positions = batch["labels"][:, 1:] != IGNORE
+    return torch.log_softmax(logits[:, :-1][positions].float(), dim=-1)

@@ -19,6 +19,7 @@ from . import sft
 from .common import lora_config
 
 NAME = "lora-sft"
+GATES = ("all", "answer", "subject")
 
 
 @dataclass
@@ -65,10 +66,21 @@ class Config:
     """Decoder layer whose output the router keys are read at."""
     route_threshold: float = 0.75
     """A query fires the patch when each subject token matches it at least this well (cos)."""
-    gate: str = "all"
-    """Where in a query the routed adapter acts: all (every position) or subject (only the
-    tokens where the router found the subject, as in training: the edit sits in the
-    subject's representation, and generated tokens run on the base weights)."""
+    gate: str = "answer"
+    """Where in a routed query the adapter acts: answer (the query's tokens and the first
+    generated tokens, as many as the new answer has; the text generated after the answer
+    runs on the base weights, which read the edited context through attention: the model
+    keeps writing instead of repeating its new answer); all (every position, generated
+    tokens too); subject (only the tokens where the router found the subject, in training
+    too; every generated token runs on the base weights)."""
+    keep_weight: float = 10.0
+    """Weight of KL(base ‖ edited) on the text after the new answer: `keep_tokens` tokens
+    the base model writes after "prompt + answer" (sampled once per edit, seeded), read by
+    the edited model under its gate. Teaches the patch to stop pushing its answer once it
+    has been given, so text about the subject does not keep repeating it (0: off, about
+    twice as fast an edit)."""
+    keep_tokens: int = 16
+    """Length of that text, in tokens."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
     max_seconds: float | None = None
@@ -89,14 +101,18 @@ class Config:
             raise ValueError(f"route_threshold must be in [-1, 1], got {self.route_threshold}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
-        if self.gate not in ("all", "subject"):
-            raise ValueError(f"gate must be all or subject, got {self.gate!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.gate == "subject" and not self.route:
             raise ValueError("gate: subject needs route: true (the router finds the subject)")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
-        if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight) < 0:
-            raise ValueError("prefixes, anchors, anchor_weight and spill_weight must be ≥ 0")
+        if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight,
+               self.keep_weight) < 0:
+            raise ValueError("prefixes, anchors, anchor_weight, spill_weight and keep_weight "
+                             "must be ≥ 0")
+        if self.keep_tokens < 1:
+            raise ValueError(f"keep_tokens must be ≥ 1, got {self.keep_tokens}")
 
 
 def kind(config: Config) -> str:
@@ -118,9 +134,15 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
 
     `base()` is a context in which `model` runs as the unedited base (adapters off).
     `params`: the adapter's parameters (None: those of `model` that require grad).
-    `gate(mask)` (gate=subject): a context inside which the adapter acts only where the
+    `gate(mask)` (`needs_gate`): a context inside which the adapter acts only where the
     (rows, seq) `mask` is 1.
     """
     return sft.sft_train(model, tokenizer, requests, config, base=base, progress=progress,
                          description="LoRA SFT", params=params,
-                         gate=gate if getattr(config, "gate", "all") == "subject" else None)
+                         gate=gate if needs_gate(config) else None)
+
+
+def needs_gate(config: Config) -> bool:
+    """Whether training must run the adapter at chosen positions only: at the subject
+    (gate=subject), or not on the text after the answer (gate=answer with keep_weight)."""
+    return config.gate == "subject" or (config.gate == "answer" and config.keep_weight > 0)

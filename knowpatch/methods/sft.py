@@ -17,8 +17,10 @@ from .common import (
     Example,
     anchor_prompts,
     collate,
+    continuation_logprobs,
     edit_examples,
     gate_mask,
+    keep_examples,
     kl_to_reference,
     last_token_logprobs,
     target_loss,
@@ -35,6 +37,7 @@ class Chunk:
     n_anchor: int
     ref_logp: torch.Tensor | None  # the base model's last-token log-probs on the anchors
     first_target: torch.Tensor | None  # per anchor: its request target's first token
+    keep_ref: torch.Tensor | None = None  # base log-probs of the text after each answer
 
 
 def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
@@ -91,13 +94,33 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
         with torch.no_grad(), base() as base_model:
             ref_logp = last_token_logprobs(base_model, collate(anchors, tokenizer.pad_token_id,
                                                                device))
-    batch = collate(examples + anchors, tokenizer.pad_token_id, device)
+    keep, keep_ref = [], None
+    if getattr(config, "keep_weight", 0) > 0:
+        with torch.no_grad(), base() as base_model:
+            keep = keep_examples(base_model, tokenizer, chunk, config.keep_tokens, config.seed)
+            alone = collate(keep, tokenizer.pad_token_id, device)
+            keep_ref = continuation_logprobs(base_model(
+                input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone)
+    batch = collate(examples + anchors + keep, tokenizer.pad_token_id, device)
     if gated:
+        batch["gate"] = _gate(examples, anchors, keep, config.gate, batch["input_ids"].shape,
+                              device)
+    return Chunk(batch, len(examples), len(anchors), ref_logp, first_target, keep_ref)
+
+
+def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
+    """Where the adapter acts in a training batch, as it will at inference: gate=subject at
+    the subject's tokens of the edit rows; otherwise everywhere but (gate=answer) on the text
+    after the answer in the preservation rows."""
+    if gate == "subject":
         if not all(e.subject_positions for e in examples):
             raise ValueError("gate: subject needs each request's subject in its prompt")
-        batch["gate"] = gate_mask(examples, len(examples) + len(anchors),
-                                  batch["input_ids"].shape[1], device)
-    return Chunk(batch, len(examples), len(anchors), ref_logp, first_target)
+        return gate_mask(examples, shape[0], shape[1], device)
+    mask = torch.ones(shape, device=device)
+    if gate == "answer":
+        for row, e in enumerate(keep, start=len(examples) + len(anchors)):
+            mask[row, len(e.prompt_ids):] = 0.0  # the last answer token still runs it
+    return mask
 
 
 class _Steps:
@@ -116,12 +139,21 @@ class _Steps:
         with gated:
             logits = model(input_ids=c.batch["input_ids"],
                            attention_mask=c.batch["attention_mask"]).logits
+        info = {}
+        keep = None
+        if c.keep_ref is not None:  # the rows after the edit and anchor rows
+            start = c.n_edit + c.n_anchor
+            rows = {k: c.batch[k][start:] for k in ("labels",)}
+            keep = kl_to_reference(c.keep_ref, continuation_logprobs(logits[start:], rows))
+            info["keep_kl"] = float(keep.detach())
         loss, learnt, gap = target_loss(logits[:c.n_edit], c.batch["labels"][:c.n_edit],
                                         config.margin)
         self.learnt[index] = learnt
-        info = {"gap": gap}
+        info["gap"] = gap
+        if keep is not None:
+            loss = loss + config.keep_weight * keep
         if c.ref_logp is not None:
-            last = c.batch["attention_mask"][c.n_edit:].sum(dim=1) - 1
+            last = c.batch["attention_mask"][c.n_edit:c.n_edit + c.n_anchor].sum(dim=1) - 1
             rows = torch.arange(c.n_anchor, device=logits.device)
             logp = torch.log_softmax(logits[c.n_edit:][rows, last].float(), dim=-1)
             if config.anchor_weight > 0:
