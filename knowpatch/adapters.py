@@ -246,29 +246,22 @@ class AdapterBank:
                 layer.lora_dropout[name].train(training)
 
     # ---- per-row execution -------------------------------------------------------------
-    @contextlib.contextmanager
-    def running(self, plan: RowPlan) -> Iterator[None]:
+    def running(self, plan: RowPlan) -> contextlib.AbstractContextManager:
         """Inside the block, each adapter of `plan` adds its update to its own rows (and,
         if gated, positions) of every forward; the hooks go when the block ends."""
-        if not plan.rows:
-            yield
-            return
-        handles = [layer.register_forward_hook(partial(_run_rows, plan))
-                   for layer in self.layers().values()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return self._hooked(partial(_run_rows, plan)) if plan.rows else contextlib.nullcontext()
+
+    def gated(self, name: str, mask: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Inside the block, adapter `name` acts only where the (rows, seq) `mask` is 1, with
+        gradients and LoRA dropout (gated training). PEFT's own pass is switched off so the
+        adapter does not also act ungated."""
+        self.activate([])
+        return self._hooked(partial(_run_gated, name, mask))
 
     @contextlib.contextmanager
-    def gated(self, name: str, mask: torch.Tensor) -> Iterator[None]:
-        """Inside the block, adapter `name` acts only where the (rows, seq) `mask` is 1, with
-        gradients and LoRA dropout (gate=subject training). PEFT's own pass is switched off
-        so the adapter does not also act ungated."""
-        self.activate([])
-        handles = [layer.register_forward_hook(partial(_run_gated, name, mask))
-                   for layer in self.layers().values()]
+    def _hooked(self, hook) -> Iterator[None]:
+        """`hook` on every LoRA layer's forward for the duration of the block."""
+        handles = [layer.register_forward_hook(hook) for layer in self.layers().values()]
         try:
             yield
         finally:
