@@ -13,6 +13,7 @@ FAST = {"lr": 3e-2, "max_steps": 60, "modules": ["all"], "layers": "all", "ancho
 EIFFEL = EditRequest("The Eiffel Tower is located in the city of", "Rome", subject="Eiffel Tower")
 KREMLIN = EditRequest("The Kremlin is located in the city of", "Oslo", subject="Kremlin")
 UNRELATED = "My favourite food is"
+UNRELATED_REQ = EditRequest(UNRELATED, "x")
 
 
 def _logits(editor, prompts):
@@ -367,6 +368,11 @@ def test_keep_term_trains_under_the_answer_gate_and_holds_the_text_after_the_ans
     assert len(keep[0].target_ids) == 8
     head = common.encode_completion(tok, EIFFEL.prompt, EIFFEL.target_new)
     assert keep[0].prompt_ids == head[0] + head[1]
+    with tiny_editor.using([]) as base:  # several requests of other lengths: one batch
+        two = common.keep_examples(base, tok, [EIFFEL, UNRELATED_REQ], tokens=8, seed=0)
+    assert [len(e.target_ids) for e in two] == [8, 8]
+    assert two[1].prompt_ids == sum(common.encode_completion(tok, UNRELATED_REQ.prompt, "x"), [])
+    assert tok.pad_token_id not in two[1].target_ids[:1]
 
     def kl_after_answer(patch) -> float:
         batch = common.collate(keep, tok.pad_token_id, torch.device("cpu"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import left_padded
 from ..requests import EditRequest, encode_completion
 
 IGNORE = -100
@@ -201,25 +202,26 @@ def lora_config(model, *, rank: int, alpha: float, dropout: float, modules: list
 
 @torch.no_grad()
 def keep_examples(base_model, tokenizer, requests: list[EditRequest], tokens: int,
-                  seed: int) -> list[Example]:
+                  seed: int, batch_size: int = 16) -> list[Example]:
     """For each request, "prompt + new answer" followed by `tokens` tokens the base model
-    samples after it (top-k 5, seeded): the text an edited model writes after its answer,
-    which a preservation term holds to the base model's own reading of it (`prompt_ids`:
-    prompt and answer; `target_ids`: the continuation)."""
+    samples after it (top-k 5, seeded; left-padded batches): the text an edited model writes
+    after its answer, which a preservation term holds to the base model's own reading of it
+    (`prompt_ids`: prompt and answer; `target_ids`: the continuation)."""
     device = next(base_model.parameters()).device
     heads = [sum(encode_completion(tokenizer, r.prompt, r.target_new), []) for r in requests]
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         out = []
-        for head in heads:
-            gen = base_model.generate(input_ids=torch.tensor([head], device=device),
-                                      attention_mask=torch.ones(1, len(head), device=device,
-                                                                dtype=torch.long),
+        for start in range(0, len(heads), batch_size):
+            chunk = heads[start:start + batch_size]
+            ids, mask = left_padded(chunk, tokenizer.pad_token_id)
+            gen = base_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       do_sample=True, top_k=5, top_p=None, temperature=1.0,
                                       max_new_tokens=tokens, min_new_tokens=tokens,
                                       pad_token_id=tokenizer.pad_token_id)
-            out.append(Example(head, gen[0, len(head):].tolist()))
+            out += [Example(head, gen[row, ids.shape[1]:].tolist())
+                    for row, head in enumerate(chunk)]
     finally:
         torch.random.set_rng_state(state)
     return out

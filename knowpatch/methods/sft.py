@@ -81,7 +81,8 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
 def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[str, ...],
                   base: Callable[[], AbstractContextManager], gated: bool, device) -> Chunk:
     """The rows of one mini-batch: each request after its prompt and each prefix, then the
-    anchor prompts (with the base model's predictions on them) when anchors are on."""
+    anchor prompts (with the base model's predictions on them) when anchors are on, then the
+    preservation rows (prompt, answer and the base model's text after it) when keep is on."""
     examples = edit_examples(tokenizer, chunk, prefixes=prefixes, append_eos=config.append_eos)
     anchors: list[Example] = []
     ref_logp = first_target = None
