@@ -17,6 +17,7 @@ import re
 import torch
 
 from .evaluate import prompt_ids
+from .methods.common import Example, collate, last_token_logprobs
 
 _WORD = re.compile(r"\S+")
 _TRAIL = ",.;:!?\"')"
@@ -106,15 +107,9 @@ def infer_subject(model, tokenizer, prompt: str) -> str | None:
     if len(spans) <= 1:
         return prompt[spans[0][0]:spans[0][1]] if spans else None
     texts = [prompt] + [" ".join((prompt[:a] + prompt[b:]).split()) for a, b in spans]
-    encoded = [prompt_ids(tokenizer, t) for t in texts]
-    ids = torch.full((len(encoded), max(map(len, encoded))), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):  # right padding: positions as in a lone forward
-        ids[row, :len(e)], mask[row, :len(e)] = torch.tensor(e), 1
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    last = torch.tensor([len(e) - 1 for e in encoded], device=logits.device)
-    logp = torch.log_softmax(logits[torch.arange(len(encoded)), last].float(), dim=-1)
+    rows = [Example(prompt_ids(tokenizer, t), []) for t in texts]
+    logp = last_token_logprobs(model, collate(rows, tokenizer.pad_token_id,
+                                              next(model.parameters()).device))
     answer = int(logp[0].argmax())
     a, b = spans[int((logp[0, answer] - logp[1:, answer]).argmax())]
     return prompt[a:b]
