@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +205,21 @@ class Editor:
             yield model
 
     @contextlib.contextmanager
-    def using_names(self, names: Sequence[str]) -> Iterator[Any]:
+    def using_names(self, names: Sequence[str], on_route: Callable | None = None) -> Iterator[Any]:
         """Run a block with loaded patches `names` active; with routing on, each batch the
-        block runs is routed among them (keyed patches fire per row; unkeyed ones always)."""
+        block runs is routed among them (keyed patches fire per row; unkeyed ones always),
+        and `on_route(routes)` (if given) sees each batch's routes."""
         names = list(names)
         self._activate(names)
         routed = self.routing and any(n in self.router for n in names)
+
+        def plan(rows, columns, width):
+            routes, decided = self.decide(rows, names, columns, width)
+            if on_route:
+                on_route(routes)
+            return decided
         try:
-            forwards = RoutedForwards(self.model, self.adapters, lambda rows, columns, width:
-                                      self.decide(rows, names, columns, width)[1])
+            forwards = RoutedForwards(self.model, self.adapters, plan)
             with forwards if routed else contextlib.nullcontext():
                 yield self.model
         finally:

@@ -1,0 +1,252 @@
+"""The serving engine behind `knowpatch serve`: one thread owns the `Editor` and runs, in
+arrival order, batches of generation requests and patch work (edits, loads, removals).
+
+Requests that arrive within `batch_window` seconds of each other and share their sampling
+settings and candidate patches run as one left-padded batch: the router decides per row
+(`Editor.using_names`), each row's tokens stream out as they are made, and a row stops at
+EOS, at one of its stop strings or at its own `max_tokens`. Patch work waits for the batch
+in progress, so a request always finishes on the patch set it started with.
+
+transformers' `generate` does the decoding; what is written here is what it does not do:
+per-row budgets and stop strings in one batch (a `StoppingCriteria` that returns a flag per
+row) and streaming of several rows at once (its streamers take one row).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .editor import Editor
+from .evaluate import left_padded
+
+log = logging.getLogger(__name__)
+
+# An event for one choice: (choice index, new text, finish reason or None, fired patch ids,
+# tokens made so far).
+Emit = Callable[[int, str, "str | None", list[str], int], None]
+
+
+@dataclass
+class Generation:
+    """One API request: its rows (token ids of each choice) and how to continue them."""
+
+    rows: list[list[int]]
+    max_tokens: int
+    emit: Emit
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    patches: list[str] | None = None  # None: every loaded patch, routed ("auto")
+
+    def group(self) -> tuple:
+        """Requests with equal groups can share a batch."""
+        sampling = (self.temperature, self.top_p, self.seed) if self.temperature > 0 else ()
+        return (tuple(self.patches) if self.patches is not None else None, sampling)
+
+
+@dataclass
+class Task:
+    """Patch work for the engine thread: `run()` there, its result into `future`."""
+
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+class RowWatch(StoppingCriteria):
+    """Called by `generate` after every step: sends each row's new text to its request and
+    says which rows are done (EOS, a stop string, or their own token budget)."""
+
+    def __init__(self, tokenizer, rows: list[tuple[Generation, int]], fired: Callable[[int], list[str]]):
+        self.tokenizer, self.rows, self.fired = tokenizer, rows, fired
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = [0] * len(rows)  # characters of each row's text already sent
+        self.done = torch.zeros(len(rows), dtype=torch.bool)
+        self.eos = tokenizer.eos_token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()
+        for r, (req, choice) in enumerate(self.rows):
+            if self.done[r]:
+                continue
+            if last[r] == self.eos:
+                self.finish(r, self.text(r), "stop")
+                continue
+            self.ids[r].append(last[r])
+            text = self.text(r)
+            cut = min((i for i in (text.find(s, max(0, self.sent[r] - len(s)))
+                                   for s in req.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish(r, text[:cut], "stop")
+            elif len(self.ids[r]) >= req.max_tokens:
+                self.finish(r, text, "length")
+            else:
+                safe = len(text) - _held_back(text, req.stop)
+                if safe > self.sent[r]:
+                    req.emit(choice, text[self.sent[r]:safe], None, self.fired(r), len(self.ids[r]))
+                    self.sent[r] = safe
+        return self.done.to(input_ids.device).clone()
+
+    def text(self, r: int) -> str:
+        return self.tokenizer.decode(self.ids[r], skip_special_tokens=True)
+
+    def finish(self, r: int, text: str, reason: str) -> None:
+        req, choice = self.rows[r]
+        req.emit(choice, text[self.sent[r]:], reason, self.fired(r), len(self.ids[r]))
+        self.sent[r] = len(text)
+        self.done[r] = True
+
+    def finish_all(self) -> None:
+        """Rows `generate` ended without a verdict (it stops at the longest budget)."""
+        for r in range(len(self.rows)):
+            if not self.done[r]:
+                self.finish(r, self.text(r), "length")
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` not to send yet: the start of a stop string, or an
+    incomplete UTF-8 character."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class Engine:
+    """The thread that owns the editor. `submit` a `Generation` or a `Task`."""
+
+    def __init__(self, editor: Editor, *, max_batch: int = 64, batch_window: float = 0.01):
+        self.editor, self.max_batch, self.batch_window = editor, max_batch, batch_window
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self.loop, name="knowpatch-engine", daemon=True)
+        self.batches: list[int] = []  # rows of each batch run (for the throughput report)
+
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, item: Generation | Task) -> None:
+        self.queue.put(item)
+
+    def submit_task(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread after what is queued; don't wait."""
+        task = Task(fn)
+        self.submit(task)
+        return task.future
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run `fn` on the engine thread and wait for its result (its exception re-raised)."""
+        task = Task(fn)
+        self.submit(task)
+        return task.future.result(timeout)
+
+    def loop(self) -> None:
+        pending = None
+        while True:
+            item = pending if pending is not None else self.queue.get()
+            pending = None
+            if item is None:
+                return
+            if isinstance(item, Task):
+                self.run_task(item)
+                continue
+            batch, pending = self.collect(item)
+            self.run_batch(batch)
+
+    def collect(self, first: Generation) -> tuple[list[Generation], Any]:
+        """`first` and the generations that arrive within the batch window (up to
+        `max_batch` rows); a task that arrives meanwhile waits for the batch."""
+        batch, rows = [first], len(first.rows)
+        deadline = time.monotonic() + self.batch_window
+        while rows < self.max_batch:
+            try:
+                nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return batch, None
+            if not isinstance(nxt, Generation):
+                return batch, nxt
+            batch.append(nxt)
+            rows += len(nxt.rows)
+        return batch, None
+
+    @staticmethod
+    def run_task(task: Task) -> None:
+        if not task.future.set_running_or_notify_cancel():
+            return
+        try:
+            task.future.set_result(task.run())
+        except BaseException as exc:  # the caller gets it; the engine keeps serving
+            task.future.set_exception(exc)
+
+    def run_batch(self, batch: list[Generation]) -> None:
+        groups: dict[tuple, list[Generation]] = {}
+        for req in batch:
+            groups.setdefault(req.group(), []).append(req)
+        for reqs in groups.values():
+            chunk: list[Generation] = []
+            for req in reqs:
+                if chunk and sum(len(r.rows) for r in chunk) + len(req.rows) > self.max_batch:
+                    self.run_group(chunk)
+                    chunk = []
+                chunk.append(req)
+            self.run_group(chunk)
+
+    def run_group(self, reqs: list[Generation]) -> None:
+        try:
+            self.generate(reqs)
+        except Exception as exc:  # one bad batch must not stop the server
+            log.exception("generation failed")
+            for req in reqs:
+                for choice in range(len(req.rows)):
+                    req.emit(choice, "", f"error: {exc}", [], 0)
+
+    def candidates(self, req: Generation) -> list[str]:
+        loaded = [p.id for p in self.editor.applied]
+        if req.patches is None:
+            return loaded
+        missing = [p for p in req.patches if p not in loaded]
+        if missing:
+            raise LookupError(f"patches: {missing[0]!r} was removed before the request ran")
+        return list(req.patches)
+
+    @torch.no_grad()
+    def generate(self, reqs: list[Generation]) -> None:
+        editor, tok = self.editor, self.editor.tokenizer
+        names = self.candidates(reqs[0])
+        always = [n for n in names if n not in editor.router]  # unkeyed: act on every row
+        rows = [(req, c) for req in reqs for c in range(len(req.rows))]
+        routes: list = []
+        watch = RowWatch(tok, rows, lambda r: (routes[0][r].fired if routes else []) + always)
+        ids, mask = left_padded([req.rows[c] for req, c in rows], tok.pad_token_id)
+        first = reqs[0]
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if first.temperature > 0:
+            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p,
+                        "top_k": None}
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        self.batches.append(len(rows))
+        device = editor.device
+        with editor.using_names(names, on_route=lambda r: routes or routes.append(r)) as model:
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           max_new_tokens=max(req.max_tokens for req in reqs),
+                           stopping_criteria=StoppingCriteriaList([watch]),
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+        watch.finish_all()
