@@ -13,6 +13,7 @@ HTTP; the batching and routing is `serving.Engine`; this file is request shapes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -107,19 +108,18 @@ def create_app(editor: Editor, settings: ServeSettings | None = None) -> FastAPI
     settings = settings or ServeSettings()
     engine = Engine(editor, max_batch=settings.max_batch, batch_window=settings.batch_window)
     service = PatchService(editor, engine)
-    app = FastAPI(title="knowpatch", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        loop = asyncio.get_running_loop()
+        engine.start()
+        await loop.run_in_executor(None, service.load_store)
+        yield
+        await loop.run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="knowpatch", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.engine, app.state.service, app.state.settings = engine, service, settings
     api = Api(editor, engine, service, settings)
-
-    @app.on_event("startup")
-    async def start() -> None:
-        engine.start()
-        await asyncio.get_running_loop().run_in_executor(None, service.load_store)
-
-    @app.on_event("shutdown")
-    async def stop() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
-
     install_errors(app)
     install_auth(app, settings)
     if settings.cors:

@@ -105,8 +105,9 @@ class PatchService:
 
         @app.get("/v1/patches/{patch_id}")
         async def show(patch_id: str) -> dict:
+            known(patch_id)
             with self.lock:
-                manifest = self.loaded.get(known(patch_id))
+                manifest = self.loaded.get(patch_id) or {}
             return {**summary(manifest), "manifest": manifest}
 
         @app.delete("/v1/patches/{patch_id}")

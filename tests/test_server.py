@@ -1,0 +1,335 @@
+"""`knowpatch serve` over real HTTP on 127.0.0.1: the official `openai` client, plain HTTP,
+bad input, the API key, patches added and removed while requests run, and a kill -9 during
+an edit. The tiny random model keeps it fast; its edits learn in a few steps."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+PROMPT = "The Eiffel Tower is located in the city of"
+EDIT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower",
+        "settings": {"max_steps": 40}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server on a thread of this process (uvicorn), stopped at the end."""
+
+    def __init__(self, editor, **settings):
+        import uvicorn
+
+        from knowpatch.server import ServeSettings, create_app
+
+        self.editor = editor
+        self.port = free_port()
+        self.app = create_app(editor, ServeSettings(**{"served_name": "custom", **settings}))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = "unused"):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(tiny_editor):
+    running = Running(tiny_editor)
+    yield running
+    running.stop()
+
+
+def edit(base: str, body: dict, headers: dict | None = None) -> dict:
+    job = httpx.post(base + "/v1/patches", json=body, headers=headers, timeout=30)
+    assert job.status_code == 202, job.text
+    job = job.json()
+    deadline = time.time() + 300
+    while job["status"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+        job = httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def complete(client, prompt: str, patches="auto", **kw):
+    return client.completions.create(model=kw.pop("model", "custom"), prompt=prompt,
+                                      max_tokens=kw.pop("max_tokens", 6), temperature=0,
+                                      extra_body={"patches": patches}, **kw)
+
+
+def test_openai_client_completions_chat_stream_and_patches(served):
+    client = served.client()
+    base_text = complete(client, PROMPT).choices[0].text
+    assert complete(client, PROMPT).choices[0].text == base_text  # greedy is deterministic
+    stream = client.completions.create(model="custom", prompt=PROMPT, max_tokens=6,
+                                       temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == base_text
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    chat = client.chat.completions.create(model="custom", max_tokens=5, temperature=0,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    chat_stream = client.chat.completions.create(
+        model="custom", max_tokens=5, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == \
+        chat.choices[0].message.content
+
+    job = edit(served.base, EDIT)
+    pid = job["patch"]
+    assert job["scores"]["rel"] == 100.0
+    models = [m.id for m in client.models.list().data]
+    assert models == ["custom", pid]
+    raw = client.completions.with_raw_response.create(
+        model="custom", prompt=PROMPT, max_tokens=6, temperature=0)
+    edited = raw.parse()
+    assert edited.choices[0].text.startswith(" Rome")
+    assert edited.choices[0].model_extra["knowpatch"]["patches"] == [pid]
+    assert raw.headers["x-knowpatch-patches"] == pid
+    assert complete(client, PROMPT, patches=[]).choices[0].text == base_text  # the base model
+    assert complete(client, PROMPT, patches=[pid]).choices[0].text.startswith(" Rome")
+    assert complete(client, PROMPT, model=pid).choices[0].text.startswith(" Rome")  # by name
+    shown = httpx.get(f"{served.base}/v1/patches/{pid}").json()
+    assert shown["manifest"]["id"] == pid and shown["target_new"] == "Rome"
+    assert httpx.delete(f"{served.base}/v1/patches/{pid}").status_code == 200
+    assert complete(client, PROMPT).choices[0].text == base_text  # removed without a restart
+    assert not (served.editor.store.root / pid).exists()
+
+
+def test_sampling_n_seed_stop(served):
+    client = served.client()
+    kw = dict(model="custom", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    a = client.completions.create(n=3, **kw)
+    b = client.completions.create(n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same text
+    assert 3 <= a.usage.completion_tokens <= 24  # counted by the engine, 1..8 per choice
+    full = complete(client, PROMPT, max_tokens=8).choices[0].text
+    words = full.split()
+    assert len(words) >= 2, full
+    cut = complete(client, PROMPT, max_tokens=8, stop=[words[1]]).choices[0]
+    assert cut.finish_reason == "stop" and words[1] not in cut.text
+    assert full.startswith(cut.text)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "word " * 200}, "prompt"),  # the tiny model's context is 64 tokens
+    ({"prompt": "x", "patches": ["../x"]}, "patches.0"),
+    ({"prompt": "x", "patches": ["/etc/passwd"]}, "patches.0"),
+    ({"prompt": "x", "patches": ["no-such-patch"]}, "patches.0"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "n": 100}, "n"),
+    ({"prompt": ""}, "prompt"),
+    ({}, "prompt"),
+])
+def test_bad_completion_requests_are_4xx_naming_the_field(served, body, param):
+    r = httpx.post(served.base + "/v1/completions", json={"model": "custom", **body})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert param.split(".")[0] in r.json()["error"]["message"]
+
+
+def test_other_bad_input_is_4xx_and_the_server_keeps_serving(served, tmp_path):
+    base = served.base
+    r = httpx.post(base + "/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = httpx.post(base + "/v1/patches", json={"prompt": "The Louvre is in", "target_new": "  "})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "target_new"
+    r = httpx.post(base + "/v1/patches", json={**EDIT, "settings": {"nonsense": 1}})
+    assert r.status_code == 400 and "nonsense" in r.json()["error"]["message"]
+    for bad in ("../x", "/etc", "..", "a/b"):
+        r = httpx.post(base + "/v1/patches/load", json={"id": bad})
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == "id", bad
+    r = httpx.get(base + "/v1/patches/..%2F..%2Fetc")
+    assert 400 <= r.status_code < 500
+    r = httpx.delete(base + "/v1/patches/not-there")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "id"
+    # a patch made for another base model: its manifest says another fingerprint
+    job = edit(base, EDIT)
+    folder = served.editor.store.root / job["patch"]
+    foreign = served.editor.store.root / "foreign-patch"
+    httpx.delete(f"{base}/v1/patches/{job['patch']}", params={"unload_only": True})
+    os.rename(folder, foreign)
+    manifest = json.loads((foreign / "patch.json").read_text())
+    manifest["base"]["fingerprint"] = "0" * 16
+    manifest["id"] = "foreign-patch"
+    (foreign / "patch.json").write_text(json.dumps(manifest))
+    r = httpx.post(base + "/v1/patches/load", json={"id": "foreign-patch"})
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
+    assert complete(served.client(), PROMPT).choices[0].text  # still serving
+
+
+def test_api_key(tiny_editor):
+    running = Running(tiny_editor, api_key="s3cret")
+    try:
+        base = running.base
+        assert httpx.get(base + "/").status_code == 200  # the playground page is public
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for method, path in (("GET", "/v1/models"), ("GET", "/v1/patches"),
+                                 ("POST", "/v1/patches"), ("DELETE", "/v1/patches/x"),
+                                 ("POST", "/v1/completions"), ("GET", "/v1/jobs/x")):
+                r = httpx.request(method, base + path, headers=headers, json=EDIT)
+                assert r.status_code == 401, (method, path, headers)
+        assert httpx.get(base + "/v1/patches", headers={"Authorization": "Bearer s3cret"}
+                         ).json()["data"] == []  # nothing was created by the refused POSTs
+        with pytest.raises(openai.AuthenticationError):
+            running.client("wrong").models.list()
+        assert complete(running.client("s3cret"), PROMPT).choices[0].text
+    finally:
+        running.stop()
+
+
+def test_concurrent_requests_while_patches_come_and_go(served):
+    """200 concurrent requests while a patch is loaded and unloaded again and again: none
+    fails, and each is answered with the patches the router picks for its prompt alone
+    (under one of the two patch sets) and the same text as the prompt served alone."""
+    base, client = served.base, served.client()
+    a = edit(base, EDIT)["patch"]
+    b = edit(base, {"prompt": "The Colosseum is located in the city of", "target_new": "Oslo",
+                    "subject": "Colosseum", "settings": {"max_steps": 40}})["patch"]
+    c = edit(base, {"prompt": "Angela Merkel speaks the language", "target_new": "Danish",
+                    "subject": "Angela Merkel", "settings": {"max_steps": 40}})["patch"]
+    prompts = [PROMPT, "Where is the Eiffel Tower? In", "The Colosseum stands in",
+               "Angela Merkel was born in", "The Louvre is in the city of", "Berlin is a",
+               "The capital of France is", "Colosseum tickets cost", "Hello, my name is",
+               "Eiffel Tower visitors"]
+    expected = {}
+    for state in ("with", "without"):
+        for p in prompts:
+            r = complete(client, p, max_tokens=5)
+            expected[(p, r.choices[0].text, tuple(r.choices[0].model_extra["knowpatch"]["patches"]))] = state
+        if state == "with":
+            assert httpx.delete(f"{base}/v1/patches/{c}", params={"unload_only": True}).status_code == 200
+    stop = threading.Event()
+
+    def toggle() -> int:
+        n = 0
+        while not stop.is_set():
+            assert httpx.post(base + "/v1/patches/load", json={"id": c}).status_code == 200
+            assert httpx.delete(f"{base}/v1/patches/{c}", params={"unload_only": True}).status_code == 200
+            n += 1
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
+        toggler = pool.submit(toggle)
+        futures = [pool.submit(complete, served.client(), prompts[i % len(prompts)], max_tokens=5)
+                   for i in range(200)]
+        results = [f.result(timeout=300) for f in futures]
+        stop.set()
+        toggles = toggler.result(timeout=60)
+    assert toggles >= 1
+    for i, r in enumerate(results):
+        key = (prompts[i % len(prompts)], r.choices[0].text,
+               tuple(r.choices[0].model_extra["knowpatch"]["patches"]))
+        assert key in expected, key
+    fired = {p for r in results for p in r.choices[0].model_extra["knowpatch"]["patches"]}
+    assert {a, b} <= fired  # the routed patches did serve their subjects
+    assert max(served.app.state.engine.batches) > 1  # concurrent requests shared batches
+
+
+def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
+    """The server is killed (SIGKILL) at several points of an edit, the moment a
+    half-written patch folder appears among them; after each restart the store holds only
+    complete patches, and the server starts and serves them."""
+    store = tmp_path / "store"
+    env = {**os.environ, "KNOWPATCH_HOME": str(tmp_path / "home")}
+
+    def start() -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "knowpatch.cli", "serve", "--model",
+                                 str(tiny_dir), "--device", "cpu", "--store", str(store),
+                                 "--port", str(port)], env=env, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                httpx.get(base + "/v1/models", timeout=1)
+                return proc, base
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+
+    saw_partial = False
+    for attempt in range(4):
+        proc, base = start()
+        before = {p.name for p in store.iterdir()} if store.is_dir() else set()
+        httpx.post(base + "/v1/patches", json=EDIT)
+        deadline = time.time() + (120 if attempt == 0 else 0.3 * attempt)
+        while time.time() < deadline:  # kill as soon as the temp folder of the save shows
+            if store.is_dir() and any(p.name.startswith(".") for p in store.iterdir()):
+                saw_partial = True
+                break
+            if store.is_dir() and {p.name for p in store.iterdir()} - before:
+                break
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc, base = start()
+        try:
+            listed = httpx.get(base + "/v1/patches").json()["data"]
+            folders = sorted(p.name for p in store.iterdir()) if store.is_dir() else []
+            assert sorted(p["id"] for p in listed) == folders  # every folder whole and loaded
+            for folder in folders:
+                assert {"patch.json", "adapter_model.safetensors"} <= {
+                    f.name for f in (store / folder).iterdir()}
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"a half-written patch folder was caught and killed: {saw_partial}")
+
+
+def test_cli_serve_help_documents_the_options():
+    r = subprocess.run([sys.executable, "-m", "knowpatch.cli", "serve", "--help"],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    for option in ("--host", "--port", "--store", "--model", "--device", "--dtype", "--api-key",
+                   "--max-batch", "--batch-window-ms", "--max-tokens", "--cors", "127.0.0.1"):
+        assert option in r.stdout, option
+
+
+def test_playground_page_is_served(served):
+    page = httpx.get(served.base + "/").text
+    assert "<title>knowpatch playground</title>" in page and "/v1/completions" in page
+
+
+def test_no_half_written_folder_is_listed(tmp_path):
+    from knowpatch.server import clean_store
+
+    (tmp_path / ".abc.tmp123").mkdir()
+    (tmp_path / "whole").mkdir()
+    assert clean_store(tmp_path) == [".abc.tmp123"]
+    assert [p.name for p in Path(tmp_path).iterdir()] == ["whole"]
