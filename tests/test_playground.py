@@ -1,0 +1,89 @@
+"""The playground page in a real headless Chromium (Debian's `chromium` and
+`chromium-driver`, driven by Selenium): it loads, a prompt gets both answers, an edit made
+from the page changes the edited answer and not the base one, removing it restores it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from test_server import Running
+
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(not (CHROMEDRIVER and CHROMIUM),
+                                reason="needs chromium and chromium-driver (apt-get install)")
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=180):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def ask(driver, prompt: str) -> tuple[str, str, str]:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(prompt)
+    driver.execute_script(
+        "document.getElementById('base').textContent = '';"
+        "document.getElementById('edited').textContent = '';")
+    driver.find_element(By.ID, "ask").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "edited").text
+             and d.find_element(By.ID, "base").text)
+    return (driver.find_element(By.ID, "base").text.strip(),
+            driver.find_element(By.ID, "edited").text.strip(), driver.find_element(By.ID, "fired").text)
+
+
+def test_playground_edit_and_remove_in_chromium(tiny_editor, browser):
+    from selenium.webdriver.common.by import By
+
+    running = Running(tiny_editor)
+    try:
+        browser.get(running.base + "/")
+        assert "knowpatch playground" in browser.title
+        base, edited, fired = ask(browser, PROMPT)
+        assert edited == base and fired.startswith("none")
+
+        browser.find_element(By.ID, "eprompt").send_keys(PROMPT)
+        browser.find_element(By.ID, "esubject").send_keys("Eiffel Tower")
+        browser.find_element(By.ID, "etarget").send_keys("Rome")
+        browser.find_element(By.ID, "edit").click()
+        wait_for(browser, lambda d: "done" in d.find_element(By.ID, "job").text
+                 or "failed" in d.find_element(By.ID, "job").text)
+        assert "done" in browser.find_element(By.ID, "job").text
+        rows = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#patches tr"))
+        assert len(rows) == 1 and "Rome" in rows[0].text
+        patch_id = rows[0].get_attribute("data-id")
+
+        base2, edited2, fired2 = ask(browser, PROMPT)
+        assert base2 == base  # the base answer does not move
+        assert edited2.startswith("Rome") and fired2 == patch_id
+        assert patch_id in browser.find_element(By.ID, "scores").text
+
+        rows[0].find_element(By.CSS_SELECTOR, "button.remove").click()
+        wait_for(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "#patches tr"))
+        base3, edited3, fired3 = ask(browser, PROMPT)
+        assert base3 == edited3 == base and fired3.startswith("none")
+    finally:
+        running.stop()
