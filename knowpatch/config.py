@@ -36,8 +36,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise KnowpatchError(f"config: no such file {str(path)!r}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise KnowpatchError(f"config: {path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: file, line, column, the parser's problem
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KnowpatchError(f"config: {where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise KnowpatchError(f"config: {path} must hold a mapping of key: value")
     return data

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import KnowpatchError
 from .requests import EditRequest, encode_completion, split_completion
 
 GEN_KEYS = ("rel", "gen", "loc", "port")
@@ -63,6 +64,11 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int
     """Greedy continuations (token ids, stopped at EOS), batched with left padding."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    context = getattr(model.config, "max_position_embeddings", None)
+    for i, e in enumerate(encoded):
+        if context and len(e) + budgets[i] > context:
+            raise KnowpatchError(f"prompt: {len(e)} tokens + {budgets[i]} new tokens exceed the "
+                                 f"model's context of {context} tokens ({prompts[i][:40]!r}…)")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id

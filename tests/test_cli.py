@@ -219,3 +219,20 @@ def test_edit_without_subject_routes_by_the_subject_found(tiny_dir, tmp_path):
     manifest = json.loads(run("patches", "show", data["patch"]).stdout)
     assert manifest["requests"][0]["subject"] == found
     assert manifest["router"]["keys"] >= 1
+
+
+def test_yaml_error_is_one_line_with_file_line_column(tiny_dir, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 1e-3\n  rank: [8\n")
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path / "s", "-p", PROMPT, "-t", "Rome",
+              "--config", cfg)
+    assert res.exit_code == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{cfg}:2:7" in " ".join(res.stderr.split()), res.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(tiny_dir, tmp_path):
+    res = run("generate", "--model", tiny_dir, "--store", tmp_path / "s", "-p", "word " * 9000)
+    assert res.exit_code == 2
+    assert "prompt:" in res.stderr and "context of 64 tokens" in res.stderr
