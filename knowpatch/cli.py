@@ -533,6 +533,45 @@ def bench_router(
     _run(body)
 
 
+@app.command("bench-serve")
+def bench_serve(
+    data: Path = typer.Option(..., "--data", help="Benchmark file: its first records give the "
+                              "edits and the prompts (e.g. ../shared/data/counterfact/"
+                              "counterfact_500.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for serve_report.json and the patches."),
+    requests: int = typer.Option(64, help="Completions per measurement."),
+    tokens: int = typer.Option(32, help="max_tokens of each completion."),
+    edits: int = typer.Option(8, help="Patches trained first (from the first records)."),
+    max_batch: int = typer.Option(64, help="The server's --max-batch."),
+    model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Throughput of `knowpatch serve` over real HTTP: the same completions sent one at a
+    time and all at once, base and routed; tokens/s, speed-up, p50/p95 latency."""
+    _setup_logging(verbose)
+
+    def body():
+        from .serve_bench import run_serve_bench
+
+        for name, value in (("requests", requests), ("tokens", tokens), ("max_batch", max_batch)):
+            if value < 1:
+                _fail(f"{name}: must be at least 1 (got {value})")
+        editor = _editor(model, device, dtype, out_dir / "patches")
+        editor.progress = False
+        report = run_serve_bench(editor, str(data), out_dir, requests=requests, tokens=tokens,
+                                 edits=edits, max_batch=max_batch, log=err.print)
+        table = Table(title=f"serve: {requests} completions of {tokens} tokens, "
+                      f"{report['patches_loaded']} patches loaded", title_justify="left")
+        cols = ["patches", "mode", "wall_s", "tokens_per_s", "speedup", "p50_s", "p95_s", "rows_fired"]
+        for c in cols:
+            table.add_column(c.replace("_", " "), justify="right")
+        for row in report["rows"]:
+            table.add_row(*(str(row.get(c, "–")) for c in cols))
+        out.print(table)
+        out.print(f"report: {out_dir / 'serve_report.json'}")
+    _run(body)
+
+
 @app.command()
 def compare(runs: list[Path] = typer.Argument(..., help="Run folders of `knowpatch bench`.")) -> None:
     """One Markdown table of several bench runs, the unedited baseline first."""
