@@ -284,7 +284,7 @@ def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
                 time.sleep(0.1)
 
     saw_partial = False
-    for attempt in range(4):
+    for attempt in range(2):
         proc, base = start()
         before = {p.name for p in store.iterdir()} if store.is_dir() else set()
         httpx.post(base + "/v1/patches", json=EDIT)
