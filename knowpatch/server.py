@@ -17,8 +17,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,11 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .editor import Editor
 from .errors import KnowpatchError
-from .server_patches import PatchService
+from .server_patches import ApiError, PatchService, check_id, error_body, from_knowpatch
 from .serving import Engine, Generation
 
 log = logging.getLogger(__name__)
-PATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 @dataclass
@@ -50,24 +47,6 @@ class ServeSettings:
     max_n: int = 8
     cors: list[str] = field(default_factory=list)  # allowed origins; empty: no CORS headers
     served_name: str | None = None  # the base model's id in the API (default: the editor's)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def error_body(message: str, param: str | None, kind: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def from_knowpatch(exc: KnowpatchError, status: int = 400) -> ApiError:
-    """A KnowpatchError's message starts with the field it names (`field: problem`)."""
-    message = str(exc)
-    param = message.split(":", 1)[0] if ":" in message else None
-    return ApiError(status, message, param if param and " " not in param else None)
 
 
 class Sampling(BaseModel):
@@ -184,7 +163,7 @@ class Api:
         app.post("/v1/chat/completions")(self.chat)
         app.get("/v1/models")(self.models)
         app.post("/v1/route")(self.route)
-        self.service.mount(app, check_id)
+        self.service.mount(app)
 
     async def playground(self) -> HTMLResponse:
         page = Path(__file__).with_name("playground.html").read_text(encoding="utf-8")
@@ -342,22 +321,3 @@ class Reply:
                 yield "data: [DONE]\n\n"
                 return
             event = await events.get()
-
-
-def check_id(ref: str, param: str = "id") -> str:
-    """A patch id as the API takes it: a folder name in the store, never a path."""
-    if not PATCH_ID.match(ref) or ".." in ref:
-        raise ApiError(400, f"{param}: {ref!r} is not a patch id (letters, digits, '-', '_', '.'; "
-                       "no path)", param)
-    return ref
-
-
-def clean_store(root: Path) -> list[str]:
-    """Remove what an interrupted atomic save left behind (hidden temp folders)."""
-    removed = []
-    if root.is_dir():
-        for folder in root.iterdir():
-            if folder.is_dir() and folder.name.startswith("."):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder.name)
-    return removed

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,6 +27,44 @@ from .requests import EditRequest, check_all_fit
 from .serving import Engine
 
 log = logging.getLogger(__name__)
+PATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_body(message: str, param: str | None, kind: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_knowpatch(exc: KnowpatchError, status: int = 400) -> ApiError:
+    """A KnowpatchError's message starts with the field it names (`field: problem`)."""
+    message = str(exc)
+    param = message.split(":", 1)[0] if ":" in message else None
+    return ApiError(status, message, param if param and " " not in param else None)
+
+
+def check_id(ref: str, param: str = "id") -> str:
+    """A patch id as the API takes it: a folder name in the store, never a path."""
+    if not PATCH_ID.match(ref) or ".." in ref:
+        raise ApiError(400, f"{param}: {ref!r} is not a patch id (letters, digits, '-', '_', '.'; "
+                       "no path)", param)
+    return ref
+
+
+def clean_store(root: Path) -> list[str]:
+    """Remove what an interrupted atomic save left behind (hidden temp folders)."""
+    removed = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.is_dir() and folder.name.startswith("."):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+    return removed
 
 
 class EditBody(BaseModel):
@@ -70,8 +111,6 @@ class PatchService:
     def load_store(self) -> None:
         """At start: every complete patch of the store made for this model (what an
         interrupted save left behind is removed first)."""
-        from .server import clean_store
-
         root = self.editor.store.root
         for name in clean_store(root):
             log.warning("removed %s, left by an interrupted save", root / name)
@@ -89,70 +128,69 @@ class PatchService:
     async def on_engine(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.call(fn))
 
-    def mount(self, app: FastAPI, check_id: Callable[..., str]) -> None:
-        from .server import ApiError, from_knowpatch
+    def mount(self, app: FastAPI) -> None:
+        app.get("/v1/patches")(self.list_patches)
+        app.get("/v1/patches/{patch_id}")(self.show)
+        app.delete("/v1/patches/{patch_id}")(self.delete)
+        app.post("/v1/patches/load")(self.load)
+        app.post("/v1/patches", status_code=202)(self.create)
+        app.get("/v1/jobs/{job_id}")(self.job)
 
-        def known(patch_id: str) -> str:
-            check_id(patch_id)
-            with self.lock:
-                if patch_id not in self.loaded:
-                    raise ApiError(404, f"id: no loaded patch {patch_id!r}", "id", "not_found_error")
-            return patch_id
+    def known(self, patch_id: str) -> str:
+        check_id(patch_id)
+        with self.lock:
+            if patch_id not in self.loaded:
+                raise ApiError(404, f"id: no loaded patch {patch_id!r}", "id", "not_found_error")
+        return patch_id
 
-        @app.get("/v1/patches")
-        async def list_patches() -> dict:
-            return {"object": "list", "data": self.snapshot()}
+    async def list_patches(self) -> dict:
+        return {"object": "list", "data": self.snapshot()}
 
-        @app.get("/v1/patches/{patch_id}")
-        async def show(patch_id: str) -> dict:
-            known(patch_id)
-            with self.lock:
-                manifest = self.loaded.get(patch_id) or {}
-            return {**summary(manifest), "manifest": manifest}
+    async def show(self, patch_id: str) -> dict:
+        self.known(patch_id)
+        with self.lock:
+            manifest = self.loaded.get(patch_id) or {}
+        return {**summary(manifest), "manifest": manifest}
 
-        @app.delete("/v1/patches/{patch_id}")
-        async def delete(patch_id: str, unload_only: bool = False) -> dict:
-            known(patch_id)
+    async def delete(self, patch_id: str, unload_only: bool = False) -> dict:
+        """Unload a patch and (unless `unload_only`) delete its folder from the store."""
+        self.known(patch_id)
 
-            def remove() -> None:
-                self.editor.remove(patch_id)
-                if not unload_only:
-                    self.editor.store.remove(patch_id)
-                self.refresh()
-            await self.on_engine(remove)
-            return {"id": patch_id, "object": "patch", "deleted": True, "files_kept": unload_only}
+        def remove() -> None:
+            self.editor.remove(patch_id)
+            if not unload_only:
+                self.editor.store.remove(patch_id)
+            self.refresh()
+        await self.on_engine(remove)
+        return {"id": patch_id, "object": "patch", "deleted": True, "files_kept": unload_only}
 
-        @app.post("/v1/patches/load")
-        async def load(body: LoadBody) -> dict:
-            check_id(body.id)
-            folder = self.editor.store.root / body.id
-            if not (folder / MANIFEST).is_file():
-                raise ApiError(404, f"id: no patch folder {body.id!r} in the store", "id",
-                               "not_found_error")
+    async def load(self, body: LoadBody) -> dict:
+        check_id(body.id)
+        folder = self.editor.store.root / body.id
+        if not (folder / MANIFEST).is_file():
+            raise ApiError(404, f"id: no patch folder {body.id!r} in the store", "id",
+                           "not_found_error")
 
-            def apply() -> dict:
-                self.editor.apply(Patch.load(folder))
-                self.refresh()
-                return summary(self.loaded[body.id])
-            try:
-                return await self.on_engine(apply)
-            except KnowpatchError as exc:
-                raise ApiError(400, f"id: {exc}", "id") from None
+        def apply() -> dict:
+            self.editor.apply(Patch.load(folder))
+            self.refresh()
+            return summary(self.loaded[body.id])
+        try:
+            return await self.on_engine(apply)
+        except KnowpatchError as exc:
+            raise ApiError(400, f"id: {exc}", "id") from None
 
-        @app.post("/v1/patches", status_code=202)
-        async def create(body: EditBody) -> dict:
-            try:
-                job = self.new_job(body)
-            except KnowpatchError as exc:
-                raise from_knowpatch(exc) from None
-            return job
+    async def create(self, body: EditBody) -> dict:
+        try:
+            return self.new_job(body)
+        except KnowpatchError as exc:
+            raise from_knowpatch(exc) from None
 
-        @app.get("/v1/jobs/{job_id}")
-        async def job(job_id: str) -> dict:
-            with self.lock:
-                if job_id not in self.jobs:
-                    raise ApiError(404, f"id: no job {job_id!r}", "id", "not_found_error")
-                return dict(self.jobs[job_id])
+    async def job(self, job_id: str) -> dict:
+        with self.lock:
+            if job_id not in self.jobs:
+                raise ApiError(404, f"id: no job {job_id!r}", "id", "not_found_error")
+            return dict(self.jobs[job_id])
 
     def new_job(self, body: EditBody) -> dict[str, Any]:
         """Check the edit now (bad input is a 400 naming the field), train it on the engine."""
