@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from test_server import Running
 
 webdriver = pytest.importorskip("selenium.webdriver")
