@@ -57,6 +57,9 @@ class BenchSettings:
     chat_template: bool = False
     fluency_every: int = 5
     seed: int = 0
+    score_every: int = 1
+    """Sequential mode: score a record right after its own edit only every k-th record (all
+    are scored again after the last edit)."""
     method_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class BenchSettings:
             raise KnowpatchError(f"batch_size: must be ≥ 1 (got {self.batch_size})")
         if self.n is not None and self.n < 1:
             raise KnowpatchError(f"n: must be ≥ 1 (got {self.n})")
+        if self.score_every < 1:
+            raise KnowpatchError(f"score_every: must be ≥ 1 (got {self.score_every})")
         if self.fluency_every < 0:
             raise KnowpatchError(f"fluency_every: must be ≥ 0 (got {self.fluency_every})")
 
@@ -293,7 +298,9 @@ class Bench:
             else:
                 patch.save(patch_dir / patch.id)
             t0 = time.perf_counter()
-            scores, _ = self.score_case(case, refs[case.case_id], None, fl)  # all applied patches
+            scores = {}  # not scored right after its edit (--score-every): only after the last
+            if index % self.s.score_every == 0:
+                scores, _ = self.score_case(case, refs[case.case_id], None, fl)  # all applied
             row = self._row(case, scores, base[case.case_id], patch, seconds,
                             time.perf_counter() - t0, group_size=1)
             rows.append(row)
@@ -344,7 +351,8 @@ class Bench:
             "notes": NOTES,
         }
         if sequential:
-            report["summary_immediate"] = summarize_rows([r["scores"] for r in rows])
+            immediate = [r["scores"] for r in rows if r["scores"]]
+            report["summary_immediate"] = {**summarize_rows(immediate), "n": len(immediate)}
         (self.out / "report.json").write_text(json.dumps(report, indent=2))
         (self.out / "report.md").write_text(markdown([(self.out.name, report)]) + "\n"
                                             + writing(rows, report))

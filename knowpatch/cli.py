@@ -453,6 +453,9 @@ def bench(
                                        "model's chat template."),
     fluency_every: int = typer.Option(5, help="Measure fluency on every k-th record (0: never)."),
     seed: int = typer.Option(0, help="Random seed of the run (recorded in the report)."),
+    score_every: int = typer.Option(1, help="Sequential mode: score a record right after its "
+                                    "own edit only every k-th record (every record is still "
+                                    "scored after the last edit)."),
     keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
                                       "in OUT/patches."),
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
@@ -464,11 +467,12 @@ def bench(
     the unedited baseline first, seconds and steps per edit, peak memory)."""
     _setup_logging(verbose)
     _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
-         fluency_every, seed, keep_patches, config, model, device, dtype, overrides)
+         fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every)
 
 
 def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
-           fluency_every, seed, keep_patches, config, model, device, dtype, overrides) -> None:
+           fluency_every, seed, keep_patches, config, model, device, dtype, overrides,
+           score_every=1) -> None:
     from .bench import Bench, BenchSettings, markdown
     from .config import build_config
     from .methods import get_method
@@ -481,7 +485,8 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
         _fail(f"data: no such file {str(data)!r}")
     settings = BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
                              batch_size=batch_size, strategy=strategy, chat_template=chat_template,
-                             fluency_every=fluency_every, seed=seed, method_config=values)
+                             fluency_every=fluency_every, seed=seed, method_config=values,
+                             score_every=score_every)
     editor = _editor(model, device, dtype, None)
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)

@@ -160,3 +160,56 @@ def test_sequential_routed_reports_loc_without_edited_subjects(tiny_editor, tmp_
     assert "loc_clean" in report["summary"] and report["summary"]["loc_clean_n"] <= 2
     final = [json.loads(x) for x in (tmp_path / "final.jsonl").read_text().splitlines()]
     assert [f["case_id"] for f in final] == [r["case_id"] for r in _rows(tmp_path)]
+
+
+def test_score_every_scores_every_kth_record_right_after_its_edit(tiny_editor, tmp_path):
+    report = _bench(tiny_editor, tmp_path, mode="sequential", strategy="routed", n=3,
+                    score_every=2).run()
+    rows = _rows(tmp_path)
+    assert [bool(r["scores"]) for r in rows] == [True, False, True]
+    assert rows[0]["scores"]["rel"] is not None
+    assert report["summary_immediate"]["n"] == 2
+    final = [json.loads(x) for x in (tmp_path / "final.jsonl").read_text().splitlines()]
+    assert len(final) == 3 and all(f["final"]["rel"] is not None for f in final)
+    with pytest.raises(KnowpatchError, match="score_every"):
+        BenchSettings(data="x", score_every=0)
+
+
+def test_killed_sequential_run_resumes_to_the_same_final_report(tiny_dir, tmp_path):
+    """kill -9 of a `knowpatch bench --mode sequential` run, the same command again: the
+    final scores equal those of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [sys.executable, "-m", "knowpatch.cli", "bench", "--data", str(FIX / "counterfact.json"),
+                "--out", str(out), "--model", str(tiny_dir), "--device", "cpu", "--mode",
+                "sequential", "--strategy", "routed", "--n", "4", "--fluency-every", "0",
+                "--score-every", "2", *(f"{k}={','.join(v) if isinstance(v, list) else v}"
+                                        for k, v in FAST.items())]
+
+    env = {**os.environ, "KNOWPATCH_HOME": str(tmp_path / "home")}
+    whole = tmp_path / "whole"
+    subprocess.run(command(whole), env=env, check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(command(cut), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ((cut / "rows.jsonl").is_file() and len(_rows(cut)) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "report.json").exists()
+    subprocess.run(command(cut), env=env, check=True, capture_output=True)
+    a = json.loads((whole / "report.json").read_text())
+    b = json.loads((cut / "report.json").read_text())
+    for key in ("summary", "summary_immediate", "baseline"):
+        for score in ("rel", "gen", "loc", "score", "n"):
+            assert a[key].get(score) == b[key].get(score), (key, score)
+    final = [[json.loads(x) for x in (out / "final.jsonl").read_text().splitlines()]
+             for out in (whole, cut)]
+    assert final[0] == final[1]
