@@ -244,9 +244,9 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
-# Roles of a block's linear layers, told apart by shape rather than by name:
+# Roles of a block's linear layers, told apart by shape and place rather than by name:
 # mlp_in: hidden → wider (up/gate projections); mlp_out: wider → hidden (down projection);
-# attn: everything else (query/key/value/output projections).
+# attn: everything else (query/key/value/output projections, fused or not).
 ROLES = ("attn", "mlp_in", "mlp_out")
 
 
@@ -258,6 +258,59 @@ def _modules_outside_adapters(root: torch.nn.Module, prefix: str = ""):
         yield full, child
         if getattr(child, "base_layer", None) is None:
             yield from _modules_outside_adapters(child, full)
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer itself, where PEFT has wrapped it (`base_layer`)."""
+    base = getattr(module, "base_layer", None)
+    return module if base is None else base
+
+
+def weight_is_transposed(module: torch.nn.Module) -> bool:
+    """Whether a linear layer stores its weight as (in, out): transformers' `Conv1D` (GPT-2
+    and its kin), where `nn.Linear` stores (out, in). Told by the module's type, which
+    PEFT also needs to know (its `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(_unwrapped(module), Conv1D)
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in features, out features) of a linear layer (an `nn.Linear`, a `Conv1D`, or
+    either wrapped by PEFT); None for any other module."""
+    module = _unwrapped(module)
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if weight_is_transposed(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def block_roles(block: torch.nn.Module, hidden: int | None) -> dict[str, str]:
+    """{name within `block`: role} of each linear layer of one decoder block.
+
+    The MLP's output projection is the widest layer that maps back to the hidden size; the
+    module holding it is the MLP: its layers are mlp_in (or mlp_out, those that write the
+    hidden size), every other layer is attn. Placement, not the output width alone, tells a
+    fused query/key/value projection (hidden → 3 × hidden) from an up projection. Where
+    the block holds its layers directly (no MLP module), the shapes alone decide.
+    """
+    shapes = {sub: s for sub, m in _modules_outside_adapters(block)
+              if (s := linear_shape(m)) is not None}
+    wide = {sub: i for sub, (i, o) in shapes.items()
+            if hidden and o == hidden and i > hidden * 1.5}
+    roles = {}
+    for sub, (i, o) in shapes.items():
+        roles[sub] = ("mlp_in" if hidden and i == hidden and o > hidden * 1.5
+                      else "mlp_out" if sub in wide else "attn")
+    if wide:
+        widest = max(wide.values())
+        mlp = {sub.rpartition(".")[0] for sub, i in wide.items() if i == widest}
+        if "" not in mlp:
+            for sub, (_, o) in shapes.items():
+                inside = sub.rpartition(".")[0] in mlp
+                roles[sub] = ("mlp_out" if o == hidden else "mlp_in") if inside else "attn"
+    return roles
 
 
 def linear_modules(
@@ -275,24 +328,13 @@ def linear_modules(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise KnowpatchError(f"layers: {bad} out of range (the model has layers 0-{n - 1})")
-    selected = range(n) if layers is None else layers
     wanted = set(roles_or_names)
     found: list[str] = []
     seen_leaves: set[str] = set()
-    for i in selected:
-        for sub, module in _modules_outside_adapters(blocks[i]):
-            base = getattr(module, "base_layer", None)  # a PEFT-wrapped linear layer
-            if isinstance(base, torch.nn.Linear):
-                module = base
-            elif not isinstance(module, torch.nn.Linear):
-                continue
+    for i in range(n) if layers is None else layers:
+        for sub, role in block_roles(blocks[i], hidden).items():
             leaf = sub.rsplit(".", 1)[-1]
             seen_leaves.add(leaf)
-            role = "attn"
-            if hidden and module.in_features == hidden and module.out_features > hidden * 1.5:
-                role = "mlp_in"
-            elif hidden and module.out_features == hidden and module.in_features > hidden * 1.5:
-                role = "mlp_out"
             if "all" in wanted or role in wanted or leaf in wanted:
                 found.append(f"{prefix}.{i}.{sub}")
     unknown = wanted - set(ROLES) - {"all"} - seen_leaves

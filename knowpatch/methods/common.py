@@ -192,12 +192,22 @@ def lora_config(model, *, rank: int, alpha: float, dropout: float, modules: list
     model's shapes by role or name, within `layers`."""
     from peft import LoraConfig
 
-    from ..models import linear_modules, parse_layers
+    from ..errors import KnowpatchError
+    from ..models import linear_modules, parse_layers, weight_is_transposed
 
     n_layers = getattr(model.config, "num_hidden_layers", None) or 0
     targets = linear_modules(model, modules, parse_layers(layers, n_layers))
+    # Conv1D layers (GPT-2 and its kin) store their weight as (in, out): PEFT must know it
+    # to merge the adapter into them, and knows it for every target of an adapter at once
+    transposed = {weight_is_transposed(model.get_submodule(t)) for t in targets}
+    if len(transposed) > 1:
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        raise KnowpatchError(
+            f"modules: {modules} select both nn.Linear and Conv1D layers in {arch}; one LoRA "
+            "patch cannot adapt both (PEFT's fan_in_fan_out is one setting per adapter): "
+            "choose modules of one kind")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
+                      fan_in_fan_out=transposed == {True}, bias="none", task_type="CAUSAL_LM")
 
 
 @torch.no_grad()
