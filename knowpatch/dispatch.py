@@ -68,11 +68,11 @@ class RoutedForwards:
             self.running.close()
 
 
-def row_plan(routes: list[Route], keyed: list[str], gated: set[str], step_limits: dict[str, int],
+def row_plan(routes: list[Route], keyed: list[str], gated: dict[str, str], step_limits: dict[str, int],
              columns: list[torch.Tensor] | None, width: int, device) -> RowPlan:
     """The rows each fired patch runs on; for gated patches (with `columns`), a mask that is
-    1 at the tokens where the router found the subject; the cached generation steps that
-    patches with a limit act in."""
+    1 at the tokens where the router found the subject (gate subject) or at the query's
+    last token (gate last); the cached generation steps that patches with a limit act in."""
     rows = {}
     for p in keyed:
         fired = [i for i, r in enumerate(routes) if p in r.fired]
@@ -83,7 +83,8 @@ def row_plan(routes: list[Route], keyed: list[str], gated: set[str], step_limits
         if p in gated:
             gate = torch.zeros((len(rows[p]), width), device=device)
             for k, r in enumerate(rows[p].tolist()):
-                at = routes[r].positions.get(p, [])
+                at = (routes[r].positions.get(p, []) if gated[p] == "subject"
+                      else [len(columns[r]) - 1])
                 if at:
                     gate[k, columns[r][at].to(device)] = 1.0
             gates[p] = gate

@@ -74,14 +74,13 @@ class Editor:
         self.store = store if isinstance(store, PatchStore) else (
             PatchStore(store) if store else PatchStore(knowpatch_home() / "patches"))
         self.progress = progress
-        self.routing = True
-        """Route keyed patches per query (False: every applied patch acts on every query)."""
+        self.routing = True  # route keyed patches per query (False: all act on every query)
         self.router = Router()
         self.adapters = AdapterBank(model)
         self.deltas = DeltaBank(model)
         self._loaded: dict[str, Patch] = {}  # patches in a bank
         self._applied: list[str] = []  # patches active for generate/evaluate
-        self._gated: set[str] = set()  # patches whose adapter acts at subject tokens only
+        self._gated: dict[str, str] = {}  # patch -> its gate (subject, last): where it acts
         self._step_limits: dict[str, int] = {}  # patch -> cached generation steps it acts in
 
     @classmethod
@@ -132,14 +131,16 @@ class Editor:
     def _register(self, patch_id: str, keys: dict[str, torch.Tensor], info: dict[str, Any],
                   gate: str) -> None:
         """Route `patch_id` by `keys`; `gate` says where its adapter acts in a routed query:
-        all (every position), subject (the subject's tokens, no generated token) or answer
-        (the query and the first generated tokens, as many as its answer has)."""
+        all (every position), subject (the subject's tokens, no generated token), answer (the
+        query and the first generated tokens, as many as its answer has) or last (answer's
+        generated tokens, and of the query only its last token)."""
         self.router.add(patch_id, keys, info["layer"], info["threshold"],
                         frozenset(info.get("facts", [])))
+        if gate in ("subject", "last"):
+            self._gated[patch_id] = gate
         if gate == "subject":
-            self._gated.add(patch_id)
             self._step_limits[patch_id] = 0
-        elif gate == "answer" and info.get("answer_tokens"):
+        elif gate in ("answer", "last") and info.get("answer_tokens"):
             self._step_limits[patch_id] = info["answer_tokens"] - 1
 
     def superseded(self) -> dict[str, str]:
@@ -187,7 +188,7 @@ class Editor:
             self.adapters.remove(name)
             del self._loaded[name]
             self.router.remove(name)
-            self._gated.discard(name)
+            self._gated.pop(name, None)
             self._step_limits.pop(name, None)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
@@ -215,8 +216,7 @@ class Editor:
 
         def plan(rows, columns, width):
             routes, decided = self.decide(rows, names, columns, width)
-            if on_route:
-                on_route(routes)
+            on_route(routes) if on_route else None
             return decided
         try:
             forwards = RoutedForwards(self.model, self.adapters, plan)
@@ -341,7 +341,7 @@ class Editor:
         """Route the new patch from its own first evaluation on, as it will be in use; the
         router settings for its manifest (None: unrouted)."""
         self.router.remove(trained.patch_id)
-        self._gated.discard(trained.patch_id)
+        self._gated.pop(trained.patch_id, None)
         self._step_limits.pop(trained.patch_id, None)
         if trained.keys is None:
             return None

@@ -408,3 +408,39 @@ def lora_config(**kw):
     from knowpatch.methods.lora_sft import Config
 
     return Config(**kw)
+
+
+def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_writes(tiny_editor):
+    """gate=last: in a routed generation the adapter acts at the prompt's last token and on
+    the first n-1 generated tokens, never on the rest of the prompt (whose cached states stay
+    the base model's). Checked against the same steps run by hand."""
+    req = EditRequest("The Eiffel Tower is located in the city of", "Reykjavik Harbour",
+                      subject="Eiffel Tower")
+    patch = tiny_editor.edit(req, evaluate=False, gate="last", **FAST)
+    n = patch.manifest["router"]["answer_tokens"]
+    assert n >= 2 and patch.manifest["learnt"] and patch.manifest["config"]["gate"] == "last"
+    routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 4)[0]
+    assert routed.startswith(" Reykjavik Harbour")
+    bank, model = tiny_editor.adapters, tiny_editor.model
+    ids = torch.tensor([tiny_editor.tokenizer(req.prompt)["input_ids"]])
+    last = torch.zeros(ids.shape)
+    last[0, -1] = 1.0
+    with torch.no_grad():
+        bank.activate([patch.id])
+        with bank.gated(patch.id, last):
+            out = model(input_ids=ids, use_cache=True)
+        bank.activate([])
+        base = model(input_ids=ids).logits[0]
+        tokens = [int(out.logits[0, -1].argmax())]
+        assert torch.equal(out.logits[0, :-1], base[:-1])  # the prompt before its last token
+        for step in range(1, n + 4):
+            bank.activate([patch.id] if step < n else [])
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
+                        use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    bank.activate([p.id for p in tiny_editor.applied])
+    assert routed == tiny_editor.tokenizer.decode(tokens, skip_special_tokens=True)
+    with pytest.raises(Exception, match="keep_weight"):
+        tiny_editor.edit(req, evaluate=False, gate="last", keep_weight=1.0)
+    with pytest.raises(Exception, match="gate"):
+        tiny_editor.edit(req, evaluate=False, gate="last", route=False)

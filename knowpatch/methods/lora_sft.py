@@ -19,7 +19,7 @@ from . import sft
 from .common import lora_config
 
 NAME = "lora-sft"
-GATES = ("all", "answer", "subject")
+GATES = ("all", "answer", "subject", "last")
 
 
 @dataclass
@@ -72,7 +72,9 @@ class Config:
     runs on the base weights, which read the edited context through attention: the model
     keeps writing instead of repeating its new answer); all (every position, generated
     tokens too); subject (only the tokens where the router found the subject, in training
-    too; every generated token runs on the base weights)."""
+    too; every generated token runs on the base weights); last (as answer, but of the query
+    only its last token: the query's other tokens keep the base model's states, so the text
+    after the answer reads an unedited context plus the answer)."""
     keep_weight: float = 0.0
     """Weight of KL(base ‖ edited) on the text after the new answer: `keep_tokens` tokens
     the base model writes after "prompt + answer" (sampled once per edit, seeded), read by
@@ -103,8 +105,10 @@ class Config:
             raise ValueError("modules must name at least one role or module")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if self.gate == "subject" and not self.route:
-            raise ValueError("gate: subject needs route: true (the router finds the subject)")
+        if self.gate == "last" and self.keep_weight > 0:
+            raise ValueError("gate: last does not take keep_weight (use gate: answer)")
+        if self.gate in ("subject", "last") and not self.route:
+            raise ValueError(f"gate: {self.gate} needs route: true (the router finds the query)")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
         if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight,
@@ -145,4 +149,4 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
 def needs_gate(config: Config) -> bool:
     """Whether training must run the adapter at chosen positions only: at the subject
     (gate=subject), or not on the text after the answer (gate=answer with keep_weight)."""
-    return config.gate == "subject" or (config.gate == "answer" and config.keep_weight > 0)
+    return config.gate in ("subject", "last") or (config.gate == "answer" and config.keep_weight > 0)

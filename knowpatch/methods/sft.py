@@ -117,6 +117,11 @@ def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
         if not all(e.subject_positions for e in examples):
             raise ValueError("gate: subject needs each request's subject in its prompt")
         return gate_mask(examples, shape[0], shape[1], device)
+    if gate == "last":  # the prompt's last token and the answer's tokens but its last
+        mask = torch.zeros(shape, device=device)
+        for row, e in enumerate([*examples, *anchors]):
+            mask[row, len(e.prompt_ids) - 1: len(e.prompt_ids) - 1 + len(e.target_ids)] = 1.0
+        return mask
     mask = torch.ones(shape, device=device)
     if gate == "answer":
         for row, e in enumerate(keep, start=len(examples) + len(anchors)):
