@@ -50,6 +50,20 @@ ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: fp32 on "
                         "CPU, bf16 on GPU).")
+def _set_threads(threads: int | None) -> int | None:
+    """--threads: torch's CPU thread count, set before any work (timings are reproducible)."""
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter("must be at least 1", param_hint="--threads")
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
+ThreadsOpt = typer.Option(None, "--threads", callback=_set_threads,
+                          help="torch CPU threads (default: torch's choice, one per core); "
+                          "recorded in reports and patch manifests.")
 StoreOpt = typer.Option(None, "--store", help="Patch store folder (default: "
                         "$KNOWPATCH_HOME/patches, KNOWPATCH_HOME defaulting to ~/.cache/knowpatch).")
 
@@ -213,6 +227,7 @@ def edit(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout; "
                                  "progress and logs go to stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: int | None = ThreadsOpt,
     overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value, "
                                                     "e.g. lr=1e-3 rank=4 seed=1."),
 ) -> None:
@@ -397,6 +412,7 @@ def serve(
     cors: list[str] | None = typer.Option(None, "--cors", help="Allowed browser origin "
                                           "(repeatable; none: no CORS headers)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible API, patches routed per request.
 
@@ -461,6 +477,7 @@ def bench(
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: int | None = ThreadsOpt,
     overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value."),
 ) -> None:
     """Run an editing method over a benchmark file and write a report (BENCHMARK.md's scores,
@@ -550,6 +567,7 @@ def bench_serve(
     max_batch: int = typer.Option(64, help="The server's --max-batch."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Throughput of `knowpatch serve` over real HTTP: the same completions sent one at a
     time and all at once, base and routed; tokens/s, speed-up, p50/p95 latency."""

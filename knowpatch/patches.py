@@ -234,6 +234,7 @@ def make_manifest(*, patch_id: str, base: dict[str, Any], method: str, config: d
         "id": patch_id,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "knowpatch_version": __version__,
+        "threads": torch.get_num_threads(),  # torch's CPU threads when the patch was trained
         "base": base,
         "method": method,
         "config": config,

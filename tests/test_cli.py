@@ -1,6 +1,7 @@
 """The CLI as a user runs it (in-process with typer's runner, on the tiny model)."""
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -236,3 +237,20 @@ def test_generate_refuses_a_prompt_longer_than_the_context(tiny_dir, tmp_path):
     res = run("generate", "--model", tiny_dir, "--store", tmp_path / "s", "-p", "word " * 9000)
     assert res.exit_code == 2
     assert "prompt:" in res.stderr and "context of 64 tokens" in res.stderr
+
+
+def test_threads_is_set_and_recorded_in_the_manifest(tiny_dir, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        res = run("edit", "--model", tiny_dir, "--store", tmp_path / "s", "-p", PROMPT, "-t",
+                  "Rome", "--threads", "1", "--json", *FAST)
+        assert res.exit_code == 0, res.stderr
+        patch = json.loads(res.stdout)["patch"]
+        manifest = json.loads((Path(patch) / "patch.json").read_text())
+        assert manifest["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    bad = run("edit", "--model", tiny_dir, "-p", PROMPT, "-t", "Rome", "--threads", "0")
+    assert bad.exit_code == 2 and "--threads" in bad.output
