@@ -544,7 +544,8 @@ def bench_router(
         table = Table(title=f"router at scale ({report['keyed']} keyed of {report['n']} records)",
                       title_justify="left")
         cols = ["patches", "router_recall", "paraphrase_fires_other_patch",
-                "neighbour_fires_any_patch", "query_cost_vs_base", "s_per_query_batch",
+                "neighbour_fires_any_patch", "index_differs_rows", "s_route_batch_index",
+                "s_route_batch_exhaustive", "query_cost_vs_base", "s_per_query_batch",
                 "s_to_add_a_patch", "weights_per_patch_mb", "memory_per_patch_mb"]
         for c in cols:
             table.add_column(c.replace("_", " "), justify="right")

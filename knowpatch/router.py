@@ -116,7 +116,8 @@ def key_texts(prompt: str, subject: str) -> list[str]:
 @torch.no_grad()
 def compute_keys(model, tokenizer, requests, layer: int) -> dict[str, torch.Tensor] | None:
     """Keys of a patch from its requests: {"keys": (n, hidden) unit vectors, "variant": (n,)
-    the key variant each row belongs to}. None when a request has no subject in its prompt
+    the key variant each row belongs to, "tokens": (n,) the token id each key was read at
+    (for the token index)}. None when a request has no subject in its prompt
     (such a patch cannot be routed and is active for every query)."""
     texts, spans = [], []
     for req in requests:
@@ -129,11 +130,13 @@ def compute_keys(model, tokenizer, requests, layer: int) -> dict[str, torch.Tens
             texts.append(ids)
             spans.append(span)
     hidden = hidden_rows(model, texts, layer, tokenizer.bos_token_id)
-    keys, variant = [], []
-    for v, (h, span) in enumerate(zip(hidden, spans)):
+    keys, variant, tokens = [], [], []
+    for v, (h, span, ids) in enumerate(zip(hidden, spans, texts)):
         keys.append(torch.nn.functional.normalize(h[span], dim=-1))
         variant += [v] * len(span)
-    return {"keys": torch.cat(keys).contiguous(), "variant": torch.tensor(variant, dtype=torch.long)}
+        tokens += [ids[i] for i in span]
+    return {"keys": torch.cat(keys).contiguous(), "variant": torch.tensor(variant, dtype=torch.long),
+            "tokens": torch.tensor(tokens, dtype=torch.long)}
 
 
 @dataclass
@@ -145,6 +148,9 @@ class Entry:
     threshold: float
     facts: frozenset[str] = frozenset()
     order: int = 0
+    spellings: tuple[frozenset[int], ...] | None = None
+    """Per key variant, the token ids of its subject (None: keys without token ids, from
+    patches made before the index: always a candidate)."""
 
 
 @dataclass
@@ -167,10 +173,15 @@ def fact_of(req) -> str:
 class Router:
     """Keys of many patches; routes token-id rows to the patches they concern."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: bool = True) -> None:
         self.entries: dict[str, Entry] = {}
         self._counter = 0
         self._cache: dict[int, tuple] = {}
+        self.index = index
+        """Score a query only against patches all of whose subject tokens (of some key
+        variant) occur in it; False: against every patch (exhaustive)."""
+        self._postings: dict[int, set[str]] = {}  # token id -> patches with a variant filed under it
+        self._unindexed: set[str] = set()  # patches without token ids: always candidates
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -181,14 +192,45 @@ class Router:
     def add(self, patch_id: str, keys: dict[str, torch.Tensor], layer: int, threshold: float,
             facts: frozenset[str] = frozenset()) -> None:
         self._counter += 1
-        self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
-                                       int(layer), float(threshold), frozenset(facts),
-                                       self._counter)
+        self.remove(patch_id)
+        spellings = None
+        if "tokens" in keys:
+            variant, tokens = keys["variant"].tolist(), keys["tokens"].tolist()
+            spellings = tuple(frozenset(t for t, v in zip(tokens, variant) if v == k)
+                              for k in sorted(set(variant)))
+        entry = Entry(patch_id, keys["keys"].float(), keys["variant"].long(), int(layer),
+                      float(threshold), frozenset(facts), self._counter, spellings)
+        self.entries[patch_id] = entry
+        for token in self._filed_under(entry):
+            self._postings.setdefault(token, set()).add(patch_id)
+        if spellings is None:
+            self._unindexed.add(patch_id)
         self._cache.clear()
 
+    def _filed_under(self, entry: Entry) -> set[int]:
+        """One token per key variant (the one with the fewest patches filed under it when
+        the patch was added): a query that holds all of a variant's tokens holds that one."""
+        return {min(sorted(v), key=lambda t: len(self._postings.get(t, ())))
+                for v in entry.spellings or () if v}
+
     def remove(self, patch_id: str) -> None:
-        if self.entries.pop(patch_id, None) is not None:
+        entry = self.entries.pop(patch_id, None)
+        if entry is not None:
+            for postings in self._postings.values():
+                postings.discard(patch_id)
+            self._unindexed.discard(patch_id)
             self._cache.clear()
+
+    def candidates(self, row: list[int], among: Collection[str] | None = None) -> set[str]:
+        """The patches a query of token ids `row` may fire under the index: those with a key
+        variant all of whose subject tokens occur in the row (and patches without token ids)."""
+        present = set(row)
+        out = set(self._unindexed)
+        for token in present:
+            for p in self._postings.get(token, ()):
+                if any(v <= present for v in self.entries[p].spellings):
+                    out.add(p)
+        return out if among is None else out & set(among)
 
     def superseded(self) -> dict[str, str]:
         """Patches every fact of which a newer patch rewrites: {old id: newest such id}."""
@@ -298,11 +340,19 @@ class Router:
                    locate: Collection[str] = ()) -> list[Route]:
         """Route each row of token ids (no padding); `model` must be the base model. For
         fired patches in `locate`, also where in the row their subject is (`positions`)."""
+        allowed = None
+        if self.index:
+            among = self.entries if candidates is None else candidates
+            allowed = [self.candidates(row, among) for row in rows]
+            candidates = sorted(set().union(*allowed), key=lambda p: self.entries[p].order)
         hidden: list[dict[int, torch.Tensor]] = [{} for _ in rows]
         for layer in self.layers(candidates):
             for r, h in enumerate(hidden_rows(model, rows, layer, bos)):
                 hidden[r][layer] = h
-        routes = [self.decide(scores, fired) for scores, fired in self.score_rows(hidden, candidates)]
+        scored = self.score_rows(hidden, candidates)
+        if allowed is not None:  # a patch scored for the batch fires only where it may
+            scored = [(scores, [p for p in fired if p in ok]) for (scores, fired), ok in zip(scored, allowed)]
+        routes = [self.decide(scores, fired) for scores, fired in scored]
         for route, h in zip(routes, hidden):
             for p in route.fired:
                 if p in locate:
@@ -330,5 +380,8 @@ def merge_keys(old: dict[str, torch.Tensor] | None,
     if old is None:
         return new
     offset = int(old["variant"].max()) + 1 if len(old["variant"]) else 0
-    return {"keys": torch.cat([old["keys"], new["keys"]]),
-            "variant": torch.cat([old["variant"], new["variant"] + offset])}
+    merged = {"keys": torch.cat([old["keys"], new["keys"]]),
+              "variant": torch.cat([old["variant"], new["variant"] + offset])}
+    if "tokens" in old and "tokens" in new:
+        merged["tokens"] = torch.cat([old["tokens"], new["tokens"]])
+    return merged

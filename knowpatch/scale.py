@@ -82,6 +82,7 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
                 bar.advance(task)
         rss = _rss_mb()
         quality = _route_quality(editor, requests, target, subjects)
+        quality.update(_index_against_exhaustive(editor, requests, target, query_prompts))
         seconds = _time_queries(editor, query_prompts, [p.id for p in editor.applied])
         row = {
             "patches": len(target), **quality,
@@ -155,6 +156,34 @@ def _route_quality(editor: Editor, requests, target: list[int], subjects: list[s
             "paraphrase_fires_other_patch": round(100 * wrong / max(para_total, 1), 2),
             "neighbour_fires_any_patch": round(100 * neigh_fire / max(neigh_total, 1), 2),
             "paraphrases": para_total, "neighbours": neigh_total}
+
+
+@torch.no_grad()
+def _index_against_exhaustive(editor: Editor, requests, target: list[int], timed: list[str]
+                              ) -> dict[str, Any]:
+    """The router's token index against exhaustive scoring: rows whose fired patches differ
+    (paraphrase and neighbour prompts of the stored records), and the seconds of routing
+    the timed query batch either way (the part of a query whose cost grows with the store)."""
+    candidates = [f"p{i:05d}" for i in target]
+    prompts = [p for i in target for p in
+               [*requests[i].rephrase_prompts, *(lp.prompt for lp in requests[i].locality)]]
+    out: dict[str, Any] = {}
+    fired = {}
+    for index in (True, False):
+        editor.router.index = index
+        fired[index] = [sorted(r.fired) for r in editor.route(prompts, patches=candidates)]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            editor.route(timed, patches=candidates)
+            times.append(time.perf_counter() - t0)
+        out[f"s_route_batch_{'index' if index else 'exhaustive'}"] = round(statistics.median(times), 4)
+    editor.router.index = True
+    differ = [i for i, (a, b) in enumerate(zip(fired[True], fired[False])) if a != b]
+    out["index_differs_rows"] = len(differ)
+    out["index_misses"] = sum(len(set(fired[False][i]) - set(fired[True][i])) for i in differ)
+    out["index_extra"] = sum(len(set(fired[True][i]) - set(fired[False][i])) for i in differ)
+    return out
 
 
 @torch.no_grad()

@@ -444,3 +444,32 @@ def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_wri
         tiny_editor.edit(req, evaluate=False, gate="last", keep_weight=1.0)
     with pytest.raises(Exception, match="gate"):
         tiny_editor.edit(req, evaluate=False, gate="last", route=False)
+
+
+def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
+    """The router scores a query only against patches whose subject tokens (of one key
+    variant) all occur in it; on these prompts that decides exactly as scoring every patch.
+    Keys without token ids (patches made before the index) are always candidates."""
+    a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
+    b = tiny_editor.edit(EditRequest("Angela Merkel speaks the language", "Danish",
+                                     subject="Angela Merkel"), evaluate=False, **FAST)
+    router, tok = tiny_editor.router, tiny_editor.tokenizer
+    assert "tokens" in a.keys and len(a.keys["tokens"]) == len(a.keys["keys"])
+    prompts = [EIFFEL.prompt, "The Eiffel Tower stands in", "Angela Merkel was born in",
+               "The Eiffel Tower and Angela Merkel", UNRELATED, "The Tower of London is"]
+    rows = [tok(p)["input_ids"] for p in prompts]
+    assert [sorted(router.candidates(r)) for r in rows] == [
+        [a.id], [a.id], [b.id], sorted([a.id, b.id]), [], []]
+    indexed = [r.fired for r in tiny_editor.route(prompts)]
+    router.index = False
+    try:
+        assert [r.fired for r in tiny_editor.route(prompts)] == indexed
+    finally:
+        router.index = True
+    assert indexed[0] == [a.id] and indexed[4] == []
+    old_style = {k: v for k, v in b.keys.items() if k != "tokens"}
+    router.add(b.id, old_style, 1, 0.75)
+    assert b.id in router.candidates(rows[4])  # no token ids: always scored
+    tiny_editor.remove(a)
+    assert all(a.id not in posting for posting in router._postings.values())
+    assert router.candidates(rows[0]) == {b.id}
