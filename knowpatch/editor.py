@@ -39,7 +39,7 @@ from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .patches import Patch, PatchStore, make_manifest, new_patch_id
 from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
-from .router import Route, Router, compute_keys, fact_of, merge_keys
+from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys
 from .subjects import with_subjects
 from .training import LoopResult, is_main_process
 
@@ -75,7 +75,7 @@ class Editor:
             PatchStore(store) if store else PatchStore(knowpatch_home() / "patches"))
         self.progress = progress
         self.routing = True  # route keyed patches per query (False: all act on every query)
-        self.router = Router()
+        self.router = Router(canonical=canonical_tokens(tokenizer))
         self.adapters = AdapterBank(model)
         self.deltas = DeltaBank(model)
         self._loaded: dict[str, Patch] = {}  # patches in a bank

@@ -460,6 +460,8 @@ def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
     rows = [tok(p)["input_ids"] for p in prompts]
     assert [sorted(router.candidates(r)) for r in rows] == [
         [a.id], [a.id], [b.id], sorted([a.id, b.id]), [], []]
+    # a subject opening the query is spelled without its leading space: the same for the index
+    assert a.id in router.candidates(tok("Eiffel Tower at night")["input_ids"])
     indexed = [r.fired for r in tiny_editor.route(prompts)]
     router.index = False
     try:
