@@ -169,6 +169,8 @@ class Entry:
     spellings: tuple[frozenset[int], ...] | None = None
     """Per key variant, the token ids of its subject (None: keys without token ids, from
     patches made before the index: always a candidate)."""
+    filed: frozenset[int] = frozenset()
+    """The tokens the index files this patch under (one per variant)."""
 
 
 @dataclass
@@ -221,26 +223,27 @@ class Router:
             same = self.canonical.get
             spellings = tuple(frozenset(same(t, t) for t, v in zip(tokens, variant) if v == k)
                               for k in sorted(set(variant)))
-        entry = Entry(patch_id, keys["keys"].float(), keys["variant"].long(), int(layer),
-                      float(threshold), frozenset(facts), self._counter, spellings)
-        self.entries[patch_id] = entry
-        for token in self._filed_under(entry):
+        filed = frozenset(self._filing_tokens(spellings or ()))
+        self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
+                                       int(layer), float(threshold), frozenset(facts),
+                                       self._counter, spellings, filed)
+        for token in filed:
             self._postings.setdefault(token, set()).add(patch_id)
         if spellings is None:
             self._unindexed.add(patch_id)
         self._cache.clear()
 
-    def _filed_under(self, entry: Entry) -> set[int]:
+    def _filing_tokens(self, spellings) -> set[int]:
         """One token per key variant (the one with the fewest patches filed under it when
-        the patch was added): a query that holds all of a variant's tokens holds that one."""
+        the patch is added): a query that holds all of a variant's tokens holds that one."""
         return {min(sorted(v), key=lambda t: len(self._postings.get(t, ())))
-                for v in entry.spellings or () if v}
+                for v in spellings if v}
 
     def remove(self, patch_id: str) -> None:
         entry = self.entries.pop(patch_id, None)
         if entry is not None:
-            for postings in self._postings.values():
-                postings.discard(patch_id)
+            for token in entry.filed:
+                self._postings[token].discard(patch_id)
             self._unindexed.discard(patch_id)
             self._cache.clear()
 

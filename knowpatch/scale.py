@@ -127,7 +127,7 @@ def _route_quality(editor: Editor, requests, target: list[int], subjects: list[s
     patches. A fired patch whose subject the prompt names (the record's own, or another
     record's subject that a neighbour prompt happens to mention) is a right fire."""
     candidates = [f"p{i:05d}" for i in target]
-    owners, kinds, texts = [], [], []
+    owners, kinds, texts = [], [], []  # in the order of `_probe_prompts`
     for i in target:
         for p in requests[i].rephrase_prompts:
             owners.append(i)
@@ -137,9 +137,7 @@ def _route_quality(editor: Editor, requests, target: list[int], subjects: list[s
             owners.append(i)
             kinds.append("neigh")
             texts.append(lp.prompt.lower())
-    prompts = [p for i in target for p in
-               [*requests[i].rephrase_prompts, *(lp.prompt for lp in requests[i].locality)]]
-    routes = editor.route(prompts, patches=candidates)
+    routes = editor.route(_probe_prompts(requests, target), patches=candidates)
     recall = own_total = wrong = para_total = neigh_fire = neigh_total = 0
     for route, i, kind, text in zip(routes, owners, kinds, texts):
         fired = {int(p[1:]) for p in route.fired}
@@ -158,6 +156,12 @@ def _route_quality(editor: Editor, requests, target: list[int], subjects: list[s
             "paraphrases": para_total, "neighbours": neigh_total}
 
 
+def _probe_prompts(requests, target: list[int]) -> list[str]:
+    """Each stored record's paraphrases, then its locality prompts, record after record."""
+    return [p for i in target for p in
+            [*requests[i].rephrase_prompts, *(lp.prompt for lp in requests[i].locality)]]
+
+
 @torch.no_grad()
 def _index_against_exhaustive(editor: Editor, requests, target: list[int], timed: list[str]
                               ) -> dict[str, Any]:
@@ -165,8 +169,7 @@ def _index_against_exhaustive(editor: Editor, requests, target: list[int], timed
     (paraphrase and neighbour prompts of the stored records), and the seconds of routing
     the timed query batch either way (the part of a query whose cost grows with the store)."""
     candidates = [f"p{i:05d}" for i in target]
-    prompts = [p for i in target for p in
-               [*requests[i].rephrase_prompts, *(lp.prompt for lp in requests[i].locality)]]
+    prompts = _probe_prompts(requests, target)
     out: dict[str, Any] = {}
     fired = {}
     for index in (True, False):

@@ -10,37 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .datasets import load_cases
 from .editor import Editor
+from .server import InThread, ServeSettings, create_app
 
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def _run_server(editor: Editor, max_batch: int):
-    import uvicorn
-
-    from .server import ServeSettings, create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(editor, ServeSettings(max_batch=max_batch, served_name="bench"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}", app
 
 
 def _one(client, base: str, prompt: str, patches: Any, tokens: int) -> dict:
@@ -54,30 +36,26 @@ def _one(client, base: str, prompt: str, patches: Any, tokens: int) -> dict:
             "fired": body["choices"][0]["knowpatch"]["patches"]}
 
 
-def _measure(base: str, prompts: list[str], patches: Any, tokens: int, concurrent: bool) -> dict:
+def _measure(base: str, prompts: list[str], patches: Any, tokens: int, at_once: bool) -> dict:
     import httpx
 
     with httpx.Client() as client:
         _one(client, base, prompts[0], patches, tokens)  # warm-up
         start = time.perf_counter()
-        if concurrent:
-            with concurrent_pool(len(prompts)) as pool:
+        if at_once:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
                 rows = list(pool.map(lambda p: _one(client, base, p, patches, tokens), prompts))
         else:
             rows = [_one(client, base, p, patches, tokens) for p in prompts]
         wall = time.perf_counter() - start
     latency = [r["seconds"] for r in rows]
     total = sum(r["tokens"] for r in rows)
-    return {"mode": "concurrent" if concurrent else "one at a time",
+    return {"mode": "concurrent" if at_once else "one at a time",
             "patches": "routed (auto)" if patches == "auto" else "base ([])",
             "requests": len(rows), "wall_s": round(wall, 2), "tokens": total,
             "tokens_per_s": round(total / wall, 1), "p50_s": round(statistics.median(latency), 2),
             "p95_s": round(_percentile(latency, 0.95), 2),
             "rows_fired": sum(bool(r["fired"]) for r in rows)}
-
-
-def concurrent_pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=n)
 
 
 def run_serve_bench(editor: Editor, data: str, out: Path, *, requests: int = 64, tokens: int = 32,
@@ -89,16 +67,15 @@ def run_serve_bench(editor: Editor, data: str, out: Path, *, requests: int = 64,
         patch = editor.edit(case.requests[0])
         trained.append(patch.id)
         log(f"edit {len(trained)}/{edits}: {patch.id} ({patch.seconds:.1f} s)")
-    server, thread, base, app = _run_server(editor, max_batch)
+    served = InThread(create_app(editor, ServeSettings(max_batch=max_batch, served_name="bench")))
     rows = []
     try:
         for patches in ([], "auto"):
-            for concurrent in (False, True):
-                rows.append(_measure(base, prompts, patches, tokens, concurrent))
+            for at_once in (False, True):
+                rows.append(_measure(served.base, prompts, patches, tokens, at_once))
                 log(json.dumps(rows[-1]))
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        served.stop()
     for patches in ("base ([])", "routed (auto)"):
         one, many = [r for r in rows if r["patches"] == patches]
         many["speedup"] = round(many["tokens_per_s"] / one["tokens_per_s"], 2)
@@ -106,7 +83,7 @@ def run_serve_bench(editor: Editor, data: str, out: Path, *, requests: int = 64,
 
     report = {"data": data, "requests": requests, "max_tokens": tokens, "patches_loaded": len(trained),
               "max_batch": max_batch, "torch_threads": torch.get_num_threads(),
-              "batches_run": app.state.engine.batches, "rows": rows}
+              "batches_run": served.app.state.engine.batches, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
+from knowpatch.server import InThread, ServeSettings, create_app  # noqa: E402
+
 http = httpx.Client(timeout=300)  # generous: a busy 2-core machine answers slowly
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -32,33 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Running:
+class Running(InThread):
     """A server on a thread of this process (uvicorn), stopped at the end."""
 
     def __init__(self, editor, **settings):
-        import uvicorn
-
-        from knowpatch.server import ServeSettings, create_app
-
         self.editor = editor
-        self.port = free_port()
-        self.app = create_app(editor, ServeSettings(**{"served_name": "custom", **settings}))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__(create_app(editor, ServeSettings(**{"served_name": "custom", **settings})))
 
     def client(self, key: str = "unused"):
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture

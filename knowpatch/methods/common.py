@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import KnowpatchError
 from ..evaluate import left_padded
 from ..requests import EditRequest, encode_completion
 
@@ -192,7 +193,6 @@ def lora_config(model, *, rank: int, alpha: float, dropout: float, modules: list
     model's shapes by role or name, within `layers`."""
     from peft import LoraConfig
 
-    from ..errors import KnowpatchError
     from ..models import linear_modules, parse_layers, weight_is_transposed
 
     n_layers = getattr(model.config, "num_hidden_layers", None) or 0
