@@ -37,6 +37,9 @@ class RowPlan:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
+    handoff: frozenset[str] = frozenset()
+    """Adapters (with a step limit) after whose last step the base model re-reads the
+    text so far: the rows they ran on continue from a cache of the base weights' states."""
     stacks: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
     """Per LoRA layer: the fired adapters' weights stacked for batched products (filled on
     first use, so a plan reused over many generation steps stacks them once)."""
@@ -53,6 +56,16 @@ class RowPlan:
         if key not in self.derived:
             self.derived[key] = RowPlan(rows)
         return self.derived[key]
+
+    def handed_off(self, step: int) -> list[int]:
+        """The rows to re-read on the base weights before the `step`-th cached generation
+        step: those a handoff adapter ran on until the step before, on which no adapter
+        acts any longer."""
+        ended = [a for a in self.handoff if a in self.rows and self.steps.get(a, step) == step - 1]
+        if not ended:
+            return []
+        acting = {r for a, rows in self.at_step(step).rows.items() for r in rows.tolist()}
+        return sorted({r for a in ended for r in self.rows[a].tolist()} - acting)
 
 
 class AdapterBank:

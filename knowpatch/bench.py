@@ -27,18 +27,19 @@ from typing import Any
 import torch
 
 from .datasets import Case, load_cases
-from .editor import Editor, peak_rss_mb
+from .editor import Editor
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
 from .fluency import fluency_and_texts, repetition
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
+from .training import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 STRATEGIES = ("stack", "shared", "routed")
-SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "multihop")
+SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "mention", "multihop")
 SCORE_CHUNK = 16
 """Cases scored in one `evaluate` call when a whole run is scored at once (the unedited
 baseline and the re-scoring after the last edit of a sequential run): their prompts run in
@@ -194,7 +195,7 @@ class Bench:
                     if fluency_on[start + j]:
                         scores.update(self._fluency(model, case, baseline=refs is None))
                     else:
-                        scores["fluency"] = scores["rep"] = None
+                        scores["fluency"] = scores["rep"] = scores["mention"] = None
                     out.append((scores, _slice_ref(ev.reference, i, i + n)))
                     i += n
                 if bar is not None:
@@ -202,14 +203,15 @@ class Bench:
         return out
 
     def _fluency(self, model, case: Case, baseline: bool) -> dict[str, Any]:
-        """fluency and rep on the case's generation prompts, and the first two texts. rep
-        counts the new target; for the unedited model, the old answer (the new target where
-        no old answer is given)."""
+        """fluency, rep and mention on the case's generation prompts, and the first two
+        texts. rep and mention count the new target; for the unedited model, the old answer
+        (the new target where no old answer is given)."""
         value, texts = fluency_and_texts(model, self.editor.tokenizer, case.generation_prompts,
                                          self.s.seed)
         answers = [(r.ground_truth or r.target_new) if baseline else r.target_new
                    for r in case.requests]
         return {"fluency": value, "rep": repetition(texts, answers),
+                "mention": repetition(texts, answers, times=1),
                 "fluency_texts": [t[:400] for t in texts[:2]]}
 
     def edit_records(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
@@ -455,7 +457,7 @@ def environment(editor: Editor) -> dict[str, Any]:
 
 
 TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
-              "loc_tf", "fluency", "rep", "multihop")
+              "loc_tf", "fluency", "rep", "mention", "multihop")
 
 
 def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
@@ -512,11 +514,11 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-FIGURE_KEYS = ("rel", "gen", "loc", "port", "rep")
+FIGURE_KEYS = ("rel", "gen", "loc", "port", "rep", "mention")
 
 
 def figure(rows: list[dict[str, Any]], report: dict[str, Any], path: Path) -> None:
-    """The scores edited beside unedited (rel, gen, loc, port, rep in %; fluency on its
+    """The scores edited beside unedited (rel, gen, loc, port, rep, mention in %; fluency on its
     own axis); in sequential mode also rel/gen/loc right after each edit as edits add up."""
     import matplotlib
 

@@ -18,14 +18,16 @@ class RoutedForwards:
     """For one block of forwards: before each forward of `model`, a new batch (token ids,
     attention mask) is routed by `decide(rows, columns, width)` and runs with the adapter
     bank's plan for it; a cached generation step runs that batch's plan for its step (see
-    `RowPlan.at_step`). The bank's hooks go when the forward ends, the model's when the
-    block does."""
+    `RowPlan.at_step`), and first, for the rows a handoff adapter has just left, replaces
+    their cache with the base weights' states of the text so far (`RowPlan.handed_off`).
+    The bank's hooks go when the forward ends, the model's when the block does."""
 
     def __init__(self, model, bank: AdapterBank, decide: Callable[..., RowPlan]):
         self.model, self.bank, self.decide = model, bank, decide
         self.decided = RowPlan()  # the plan of the last routed batch
         self.step = 0  # cached generation steps since that batch
         self.routing = False  # the router's own forward of the base model is running
+        self.inputs: list[tuple[torch.Tensor, Any]] = []  # (ids, position ids) fed since routing
         self.running = contextlib.ExitStack()
 
     def __enter__(self) -> RoutedForwards:
@@ -48,7 +50,12 @@ class RoutedForwards:
         if ids is None or (past is not None and past.get_seq_length() > 0):
             self.step += 1
             plan = self.decided.at_step(self.step)
+            self.inputs.append((ids, kwargs.get("position_ids")))
+            handed = self.decided.handed_off(self.step)
+            if handed and ids is not None:
+                self.reread(handed, kwargs.get("attention_mask"), past)
         else:
+            self.inputs = [(ids, kwargs.get("position_ids"))]
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 mask = mask[:, -ids.shape[1]:]
@@ -63,29 +70,83 @@ class RoutedForwards:
             self.decided, self.step = plan, 0
         self.running.enter_context(self.bank.running(plan))
 
+    def reread(self, rows: list[int], mask: torch.Tensor | None, past) -> None:
+        """Replace `rows`' cached states with those the base weights (routed adapters off)
+        give the tokens fed so far: from here on these rows are written by the base model
+        reading the query and its edited answer, not the edited states of the query (which
+        would keep pulling the text back to the answer)."""
+        ids = torch.cat([i for i, _ in self.inputs[:-1]], dim=1)
+        index = torch.tensor(rows, device=ids.device)
+        options: dict[str, Any] = {"use_cache": True, "logits_to_keep": 1}
+        if mask is not None:
+            options["attention_mask"] = mask[index, :ids.shape[1]]
+        positions = [p for _, p in self.inputs[:-1]]
+        if all(p is not None for p in positions):
+            at = torch.cat(positions, dim=-1)[..., :ids.shape[1]]
+            options["position_ids"] = at[index] if at.shape[0] == ids.shape[0] else at
+        self.routing = True  # no routing, no routed adapter: the base weights
+        try:
+            fresh = self.model(input_ids=ids[index], **options).past_key_values
+        finally:
+            self.routing = False
+        for old, new in zip(past.layers, fresh.layers):
+            length = old.keys.shape[-2]
+            old.keys[index] = new.keys[..., -length:, :].to(old.keys.dtype)
+            old.values[index] = new.values[..., -length:, :].to(old.values.dtype)
+
     def after(self, *_args: Any) -> None:
         if not self.routing:
             self.running.close()
 
 
-def row_plan(routes: list[Route], keyed: list[str], gated: dict[str, str], step_limits: dict[str, int],
-             columns: list[torch.Tensor] | None, width: int, device) -> RowPlan:
-    """The rows each fired patch runs on; for gated patches (with `columns`), a mask that is
-    1 at the tokens where the router found the subject (gate subject) or at the query's
-    last token (gate last); the cached generation steps that patches with a limit act in."""
-    rows = {}
-    for p in keyed:
-        fired = [i for i, r in enumerate(routes) if p in r.fired]
-        if fired:
-            rows[p] = torch.tensor(fired, dtype=torch.long, device=device)
-    gates = {}
-    for p in rows if columns is not None else ():
-        if p in gated:
-            gate = torch.zeros((len(rows[p]), width), device=device)
-            for k, r in enumerate(rows[p].tolist()):
-                at = (routes[r].positions.get(p, []) if gated[p] == "subject"
-                      else [len(columns[r]) - 1])
-                if at:
-                    gate[k, columns[r][at].to(device)] = 1.0
-            gates[p] = gate
-    return RowPlan(rows, gates, {p: step_limits[p] for p in rows if p in step_limits})
+class Placement:
+    """Where each keyed patch's adapter acts in a routed query, by its gate: all (every
+    position), subject (the tokens where the router found the subject, no generated token),
+    answer (the query and the first generated tokens, as many as its answer has), handoff
+    (as answer, then the base weights re-read the text so far and write on) or last (as
+    answer, but of the query only its last token)."""
+
+    def __init__(self) -> None:
+        self.gated: dict[str, str] = {}  # patch -> subject or last: prompt positions only
+        self.step_limits: dict[str, int] = {}  # patch -> cached generation steps it acts in
+        self.handoff: set[str] = set()
+
+    def set(self, patch_id: str, gate: str, answer_tokens: int | None) -> None:
+        self.forget(patch_id)
+        if gate in ("subject", "last"):
+            self.gated[patch_id] = gate
+        if gate == "subject":
+            self.step_limits[patch_id] = 0
+        elif gate in ("answer", "handoff", "last") and answer_tokens:
+            self.step_limits[patch_id] = answer_tokens - 1
+            if gate == "handoff":
+                self.handoff.add(patch_id)
+
+    def forget(self, patch_id: str) -> None:
+        self.gated.pop(patch_id, None)
+        self.step_limits.pop(patch_id, None)
+        self.handoff.discard(patch_id)
+
+    def plan(self, routes: list[Route], keyed: list[str], columns: list[torch.Tensor] | None,
+             width: int, device) -> RowPlan:
+        """The rows each fired patch runs on; for gated patches (with `columns`), a mask
+        that is 1 at the tokens where the router found the subject (gate subject) or at the
+        query's last token (gate last); the cached generation steps that patches with a
+        limit act in; the patches the base model takes over from."""
+        rows = {}
+        for p in keyed:
+            fired = [i for i, r in enumerate(routes) if p in r.fired]
+            if fired:
+                rows[p] = torch.tensor(fired, dtype=torch.long, device=device)
+        gates = {}
+        for p in rows if columns is not None else ():
+            if p in self.gated:
+                gate = torch.zeros((len(rows[p]), width), device=device)
+                for k, r in enumerate(rows[p].tolist()):
+                    at = (routes[r].positions.get(p, []) if self.gated[p] == "subject"
+                          else [len(columns[r]) - 1])
+                    if at:
+                        gate[k, columns[r][at].to(device)] = 1.0
+                gates[p] = gate
+        return RowPlan(rows, gates, {p: self.step_limits[p] for p in rows if p in self.step_limits},
+                       frozenset(p for p in rows if p in self.handoff))

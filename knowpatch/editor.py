@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from .adapters import AdapterBank, RowPlan
 from .config import build_config
 from .deltas import DeltaBank
-from .dispatch import RoutedForwards, row_plan
+from .dispatch import Placement, RoutedForwards
 from .errors import KnowpatchError
 from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
@@ -41,14 +40,9 @@ from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
 from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys
 from .subjects import with_subjects
-from .training import LoopResult, is_main_process
+from .training import LoopResult, is_main_process, peak_rss_mb
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 @dataclasses.dataclass
@@ -80,8 +74,7 @@ class Editor:
         self.deltas = DeltaBank(model)
         self._loaded: dict[str, Patch] = {}  # patches in a bank
         self._applied: list[str] = []  # patches active for generate/evaluate
-        self._gated: dict[str, str] = {}  # patch -> its gate (subject, last): where it acts
-        self._step_limits: dict[str, int] = {}  # patch -> cached generation steps it acts in
+        self.placement = Placement()  # where each keyed patch's adapter acts in a query
 
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_MODEL, *, device: str = "auto",
@@ -130,18 +123,14 @@ class Editor:
 
     def _register(self, patch_id: str, keys: dict[str, torch.Tensor], info: dict[str, Any],
                   gate: str) -> None:
-        """Route `patch_id` by `keys`; `gate` says where its adapter acts in a routed query:
-        all (every position), subject (the subject's tokens, no generated token), answer (the
-        query and the first generated tokens, as many as its answer has) or last (answer's
-        generated tokens, and of the query only its last token)."""
+        """Route `patch_id` by `keys`; `gate` says where its adapter acts (`Placement`)."""
         self.router.add(patch_id, keys, info["layer"], info["threshold"],
                         frozenset(info.get("facts", [])))
-        if gate in ("subject", "last"):
-            self._gated[patch_id] = gate
-        if gate == "subject":
-            self._step_limits[patch_id] = 0
-        elif gate in ("answer", "last") and info.get("answer_tokens"):
-            self._step_limits[patch_id] = info["answer_tokens"] - 1
+        self.placement.set(patch_id, gate, info.get("answer_tokens"))
+
+    def _unroute(self, name: str) -> None:
+        self.router.remove(name)
+        self.placement.forget(name)
 
     def superseded(self) -> dict[str, str]:
         """Loaded patches whose every fact a newer loaded patch rewrites: {old: new}."""
@@ -187,9 +176,7 @@ class Editor:
         elif name in self._loaded:
             self.adapters.remove(name)
             del self._loaded[name]
-            self.router.remove(name)
-            self._gated.pop(name, None)
-            self._step_limits.pop(name, None)
+            self._unroute(name)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active on every row (none: the base model's exact forward)."""
@@ -247,10 +234,9 @@ class Editor:
             self.deltas.set_active([])
             self.adapters.activate([])
             routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id,
-                                            keyed, locate=self._gated)
+                                            keyed, locate=self.placement.gated)
         self._activate([c for c in candidates if c not in self.router])
-        return routes, row_plan(routes, keyed, self._gated, self._step_limits, columns, width,
-                                self.device)
+        return routes, self.placement.plan(routes, keyed, columns, width, self.device)
 
     def generate(self, prompts: str | Sequence[str], *, patches=None,
                  max_new_tokens: int = 20) -> list[str]:
@@ -340,9 +326,7 @@ class Editor:
              into: Patch | None) -> dict[str, Any] | None:
         """Route the new patch from its own first evaluation on, as it will be in use; the
         router settings for its manifest (None: unrouted)."""
-        self.router.remove(trained.patch_id)
-        self._gated.pop(trained.patch_id, None)
-        self._step_limits.pop(trained.patch_id, None)
+        self._unroute(trained.patch_id)
         if trained.keys is None:
             return None
         answer = max(len(encode_completion(self.tokenizer, r.prompt, r.target_new)[1])

@@ -344,6 +344,50 @@ def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_
     assert routed == tiny_editor.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor):
+    """gate=handoff: the adapter acts on the prompt and the first n-1 generated tokens, as
+    gate=answer; then the rows' cache is replaced by the base weights' states of prompt +
+    answer, so the text after the answer is the base model's greedy continuation of that
+    text. Checked against the same steps run by hand, alone and in a left-padded batch
+    beside a row the patch does not fire on (which stays the base model's)."""
+    req = EditRequest("The Eiffel Tower is located in the city of", "Reykjavik Harbour",
+                      subject="Eiffel Tower")
+    patch = tiny_editor.edit(req, evaluate=False, gate="handoff", **FAST)
+    n = patch.manifest["router"]["answer_tokens"]
+    assert n >= 2 and patch.manifest["learnt"] and patch.manifest["config"]["gate"] == "handoff"
+    routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 5)[0]
+    assert routed.startswith(" Reykjavik Harbour")
+    bank, model, tok = tiny_editor.adapters, tiny_editor.model, tiny_editor.tokenizer
+    prompt = tok(req.prompt)["input_ids"]
+    tokens: list[int] = []
+    with torch.no_grad():
+        bank.activate([patch.id])  # the answer: as gate=answer
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+        for _ in range(1, n):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
+                        use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+        bank.activate([])  # then the base model reads prompt + answer afresh
+        out = model(input_ids=torch.tensor([prompt + tokens]), use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+        for _ in range(4):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
+                        use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    bank.activate([p.id for p in tiny_editor.applied])
+    assert routed == tok.decode(tokens, skip_special_tokens=True)
+    # gate=answer keeps the edited states of the prompt: another text after the answer
+    answer_gate = tiny_editor.edit(req, evaluate=False, gate="answer", **FAST)
+    assert tiny_editor.generate(req.prompt, patches=[answer_gate], max_new_tokens=n + 5)[0] != routed
+    # a batch: the edited row padded on the left beside a longer row the patch ignores
+    other = "Some unrelated and rather longer sentence about the weather in the north of"
+    batch = tiny_editor.generate([req.prompt, other], patches=[patch], max_new_tokens=n + 5)
+    assert batch[0] == routed
+    assert batch[1] == tiny_editor.generate([req.prompt, other], patches=[],
+                                            max_new_tokens=n + 5)[1]
+
+
 def test_rep_counts_generations_that_repeat_the_answer():
     from knowpatch.fluency import repetition
 

@@ -78,16 +78,17 @@ class Config:
     """train=lora: router keys from each request's subject (see `router`)."""
     route_layer: int = 1
     route_threshold: float = 0.75
-    gate: str = "answer"
-    """train=lora, routed: where in a query the adapter acts, answer or all (see LoRA SFT)."""
+    gate: str = "handoff"
+    """train=lora, routed: where in a query the adapter acts: handoff, answer or all (see
+    LoRA SFT)."""
     seed: int = 0
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.gate not in ("all", "answer"):
-            raise ValueError(f"gate must be all or answer, got {self.gate!r}")
+        if self.gate not in ("all", "answer", "handoff"):
+            raise ValueError(f"gate must be all, answer or handoff, got {self.gate!r}")
         if self.train not in ("lora", "full"):
             raise ValueError(f"train must be lora or full, got {self.train!r}")
         if self.beta <= 0:

@@ -19,7 +19,7 @@ from . import sft
 from .common import lora_config
 
 NAME = "lora-sft"
-GATES = ("all", "answer", "subject", "last")
+GATES = ("all", "answer", "handoff", "subject", "last")
 
 
 @dataclass
@@ -66,15 +66,16 @@ class Config:
     """Decoder layer whose output the router keys are read at."""
     route_threshold: float = 0.75
     """A query fires the patch when each subject token matches it at least this well (cos)."""
-    gate: str = "answer"
-    """Where in a routed query the adapter acts: answer (the query's tokens and the first
-    generated tokens, as many as the new answer has; the text generated after the answer
-    runs on the base weights, which read the edited context through attention: the model
-    keeps writing instead of repeating its new answer); all (every position, generated
-    tokens too); subject (only the tokens where the router found the subject, in training
-    too; every generated token runs on the base weights); last (as answer, but of the query
-    only its last token: the query's other tokens keep the base model's states, so the text
-    after the answer reads an unedited context plus the answer)."""
+    gate: str = "handoff"
+    """Where in a routed query the adapter acts: handoff (the query's tokens and the first
+    generated tokens, as many as the new answer has; then the base weights re-read the query
+    and what was generated, and write on: the text goes on from what the edited model said,
+    not from its edited states of the subject, which keep pulling text back to the answer);
+    answer (as handoff, but the base weights write on from the edited states of the query);
+    all (every position, generated tokens too); subject (only the tokens where the router
+    found the subject, in training too; every generated token runs on the base weights);
+    last (as answer, but of the query only its last token: the query's other tokens keep the
+    base model's states). Training is the same for all but subject and last."""
     keep_weight: float = 0.0
     """Weight of KL(base ‖ edited) on the text after the new answer: `keep_tokens` tokens
     the base model writes after "prompt + answer" (sampled once per edit, seeded), read by
@@ -149,4 +150,5 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
 def needs_gate(config: Config) -> bool:
     """Whether training must run the adapter at chosen positions only: at the subject
     (gate=subject), or not on the text after the answer (gate=answer with keep_weight)."""
-    return config.gate in ("subject", "last") or (config.gate == "answer" and config.keep_weight > 0)
+    return config.gate in ("subject", "last") or (config.gate in ("answer", "handoff")
+                                                     and config.keep_weight > 0)

@@ -123,7 +123,7 @@ def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
             mask[row, len(e.prompt_ids) - 1: len(e.prompt_ids) - 1 + len(e.target_ids)] = 1.0
         return mask
     mask = torch.ones(shape, device=device)
-    if gate == "answer":
+    if gate in ("answer", "handoff"):
         for row, e in enumerate(keep, start=len(examples) + len(anchors)):
             mask[row, len(e.prompt_ids):] = 0.0  # the last answer token still runs it
     return mask
