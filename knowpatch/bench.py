@@ -299,6 +299,7 @@ class Bench:
                 patch.save(patch_dir / "shared", overwrite=True)
             else:
                 patch.save(patch_dir / patch.id)
+                ed.pager.saved(patch)  # with --resident, it may now leave memory
             t0 = time.perf_counter()
             scores = {}  # not scored right after its edit (--score-every): only after the last
             if index % self.s.score_every == 0:
@@ -451,6 +452,7 @@ def environment(editor: Editor) -> dict[str, Any]:
         "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "resident": editor.pager.capacity, "pager_reads": editor.pager.reads,
         "device": str(editor.device), "model": editor.model_name,
         "fingerprint": editor.fingerprint, "git_commit": commit,
     }

@@ -61,6 +61,9 @@ def _set_threads(threads: int | None) -> int | None:
     return threads
 
 
+ResidentOpt = typer.Option(None, "--resident", help="Most routed patches kept in memory; "
+                           "the others stay on disk and are read in when a query fires them "
+                           "(least recently used go first). Default: all in memory.")
 ThreadsOpt = typer.Option(None, "--threads", callback=_set_threads,
                           help="torch CPU threads (default: torch's choice, one per core); "
                           "recorded in reports and patch manifests.")
@@ -87,11 +90,15 @@ def _store(store: Path | None) -> PatchStore:
     return PatchStore(store if store else knowpatch_home() / "patches")
 
 
-def _editor(model: str, device: str, dtype: str | None, store: Path | None):
+def _editor(model: str, device: str, dtype: str | None, store: Path | None,
+            resident: int | None = None):
     from .editor import Editor
 
+    if resident is not None and resident < 1:
+        _fail(f"resident: must be at least 1 (got {resident})")
     with err.status(f"loading {model} (converted once on first use)…"):
-        return Editor.from_pretrained(model, device=device, dtype=dtype, store=_store(store))
+        return Editor.from_pretrained(model, device=device, dtype=dtype, store=_store(store),
+                                      resident=resident)
 
 
 def _method_config(method: str, config: Path | None, overrides: list[str] | None) -> tuple[str, dict]:
@@ -413,6 +420,7 @@ def serve(
                                           "(repeatable; none: no CORS headers)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     threads: int | None = ThreadsOpt,
+    resident: int | None = ResidentOpt,
 ) -> None:
     """Serve the model over an OpenAI-compatible API, patches routed per request.
 
@@ -425,11 +433,11 @@ def serve(
     """
     _setup_logging(verbose)
     _run(_serve, host, port, store, model, device, dtype, api_key, max_batch, batch_window_ms,
-         max_tokens, cors)
+         max_tokens, cors, resident)
 
 
 def _serve(host, port, store, model, device, dtype, api_key, max_batch, batch_window_ms,
-           max_tokens, cors) -> None:
+           max_tokens, cors, resident=None) -> None:
     import uvicorn
 
     from .server import ServeSettings, create_app
@@ -437,7 +445,7 @@ def _serve(host, port, store, model, device, dtype, api_key, max_batch, batch_wi
     for name, value in (("max_batch", max_batch), ("max_tokens", max_tokens)):
         if value < 1:
             raise KnowpatchError(f"{name}: must be at least 1 (got {value})")
-    editor = _editor(model, device, dtype, store)
+    editor = _editor(model, device, dtype, store, resident)
     editor.progress = False
     settings = ServeSettings(api_key=api_key, max_batch=max_batch,
                              batch_window=max(0.0, batch_window_ms) / 1000, max_tokens=max_tokens,
@@ -478,18 +486,20 @@ def bench(
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     threads: int | None = ThreadsOpt,
+    resident: int | None = ResidentOpt,
     overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value."),
 ) -> None:
     """Run an editing method over a benchmark file and write a report (BENCHMARK.md's scores,
     the unedited baseline first, seconds and steps per edit, peak memory)."""
     _setup_logging(verbose)
     _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
-         fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every)
+         fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every,
+         resident)
 
 
 def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
            fluency_every, seed, keep_patches, config, model, device, dtype, overrides,
-           score_every=1) -> None:
+           score_every=1, resident=None) -> None:
     from .bench import Bench, BenchSettings, markdown
     from .config import build_config
     from .methods import get_method
@@ -504,7 +514,7 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
                              batch_size=batch_size, strategy=strategy, chat_template=chat_template,
                              fluency_every=fluency_every, seed=seed, method_config=values,
                              score_every=score_every)
-    editor = _editor(model, device, dtype, None)
+    editor = _editor(model, device, dtype, None, resident)
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)
     out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
@@ -520,6 +530,7 @@ def bench_router(
     queries: int = typer.Option(32, help="Prompts in the timed query batch."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    resident: int | None = ResidentOpt,
 ) -> None:
     """Routing at scale, without training N edits: real keys of N records, N loaded copies of
     one trained patch. Reports router recall (paraphrase → its patch), false fires
@@ -538,7 +549,7 @@ def bench_router(
             _fail(f"sizes: each must be in 1..{n} (--n)")
         if not data.is_file():
             _fail(f"data: no such file {str(data)!r}")
-        editor = _editor(model, device, dtype, None)
+        editor = _editor(model, device, dtype, None, resident)
         editor.progress = False
         report = run_router_bench(editor, str(data), n, size_list, out_dir, queries=queries)
         table = Table(title=f"router at scale ({report['keyed']} keyed of {report['n']} records)",
@@ -546,7 +557,8 @@ def bench_router(
         cols = ["patches", "router_recall", "paraphrase_fires_other_patch",
                 "neighbour_fires_any_patch", "index_differs_rows", "s_route_batch_index",
                 "s_route_batch_exhaustive", "query_cost_vs_base", "s_per_query_batch",
-                "s_to_add_a_patch", "weights_per_patch_mb", "memory_per_patch_mb"]
+                "s_to_add_a_patch", "weights_per_patch_mb", "memory_per_patch_mb",
+                "peak_rss_mb", "pager_reads"]
         for c in cols:
             table.add_column(c.replace("_", " "), justify="right")
         for row in report["rows"]:

@@ -35,6 +35,7 @@ from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
 from .methods import AUTO, Method, choose_method, get_method
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
+from .paging import Pager
 from .patches import Patch, PatchStore, make_manifest, new_patch_id
 from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
@@ -59,7 +60,8 @@ class Trained:
 
 class Editor:
     def __init__(self, model, tokenizer, *, model_name: str = "custom",
-                 store: PatchStore | str | Path | None = None, progress: bool = True):
+                 store: PatchStore | str | Path | None = None, progress: bool = True,
+                 resident: int | None = None):
         self.model = model  # the base model; PEFT injects LoRA layers into it in place
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -75,6 +77,7 @@ class Editor:
         self._loaded: dict[str, Patch] = {}  # patches in a bank
         self._applied: list[str] = []  # patches active for generate/evaluate
         self.placement = Placement()  # where each keyed patch's adapter acts in a query
+        self.pager = Pager(self.adapters, resident)  # at most `resident` routed adapters in RAM
 
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_MODEL, *, device: str = "auto",
@@ -154,7 +157,7 @@ class Editor:
         try:
             if patch.kind == "delta":
                 self.deltas.add(patch.id, patch.weights)
-            else:
+            elif not self.pager.admit(patch):  # paged: read in when a query fires it
                 self.adapters.add(patch.id, patch.adapter_config)
                 try:
                     self.adapters.load_weights(patch.id, patch.weights)
@@ -174,14 +177,17 @@ class Editor:
             self.deltas.remove(name)
             self._loaded.pop(name, None)
         elif name in self._loaded:
-            self.adapters.remove(name)
+            if name in self.adapters:
+                self.adapters.remove(name)
+            self.pager.forget(name)
             del self._loaded[name]
             self._unroute(name)
 
     def _activate(self, names: Sequence[str], trainable: bool = False) -> None:
         """Make exactly `names` active on every row (none: the base model's exact forward)."""
         self.deltas.set_active([n for n in names if n in self.deltas])
-        self.adapters.activate([n for n in names if n not in self.deltas], trainable)
+        self.adapters.activate([n for n in names if n not in self.deltas and n in self.adapters],
+                               trainable)
 
     # ---- routing and use --------------------------------------------------------------
     @contextlib.contextmanager
@@ -198,8 +204,10 @@ class Editor:
         block runs is routed among them (keyed patches fire per row; unkeyed ones always),
         and `on_route(routes)` (if given) sees each batch's routes."""
         names = list(names)
-        self._activate(names)
         routed = self.routing and any(n in self.router for n in names)
+        if not routed:  # every patch acts on every row: all of them resident
+            self.pager.need(names)
+        self._activate(names)
 
         def plan(rows, columns, width):
             routes, decided = self.decide(rows, names, columns, width)
@@ -235,6 +243,7 @@ class Editor:
             self.adapters.activate([])
             routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id,
                                             keyed, locate=self.placement.gated)
+            self.pager.need({p for r in routes for p in r.fired})
         self._activate([c for c in candidates if c not in self.router])
         return routes, self.placement.plan(routes, keyed, columns, width, self.device)
 
@@ -295,6 +304,7 @@ class Editor:
             trained = self._train_lora(module, requests, cfg, into, options)
         facts = sorted({fact_of(r) for r in requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
+        self.pager.changed(trained.patch_id)  # its weights on disk (if any) are stale now
         routing = self._key(trained, cfg, facts, requests, into)
         edited = None
         if baseline is not None:
@@ -311,6 +321,7 @@ class Editor:
             else:
                 self.store.save(patch)
             log.info("saved patch %s to %s", patch.id, patch.path)
+            self.pager.saved(patch)
         return patch
 
     @staticmethod
@@ -385,6 +396,8 @@ class Editor:
             patch_id, adapter_cfg = into.id, into.adapter_config
             if patch_id not in self._loaded:
                 self._load(into)
+            self.pager.need([patch_id])
+            self.pager.changed(patch_id)  # trained on: resident until saved again
         else:
             patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
             torch.manual_seed(cfg.seed)

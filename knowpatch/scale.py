@@ -13,6 +13,8 @@ measures, at several store sizes:
   against the base model with none, and seconds to add one patch at that size;
 - memory per loaded patch: its adapter weights and keys exactly, and the growth of the
   resident set divided by the patches loaded (noisier: the allocator keeps and frees pages).
+  With paging (`Editor(resident=k)`), the copies share the template's folder on disk and
+  only the k most recently fired adapters are in memory: what grows is the keys.
 
 The quality of N real sequential edits is what `knowpatch bench --mode sequential
 --strategy routed` measures; this one only answers "does routing scale".
@@ -33,6 +35,7 @@ from .datasets import load_cases
 from .editor import Editor
 from .patches import Patch
 from .router import compute_keys, fact_of
+from .training import peak_rss_mb
 
 
 def _rss_mb() -> float:
@@ -61,6 +64,8 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
     # one real patch whose weights every stored patch copies
     template = editor.edit(requests[usable[0]], save=False, evaluate=False)
     editor.remove(template)
+    if editor.pager.capacity is not None:  # paged copies read the template's file
+        template.save(out / "template", overwrite=True)
     # exact size of one loaded patch (adapter weights + router keys); RSS growth is noisier
     weight_bytes = sum(v.numel() * v.element_size() for k in (template.weights, keys[usable[0]])
                        for v in k.values())
@@ -92,6 +97,8 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
             "memory_per_patch_mb": round((rss - base_rss) / max(len(target), 1), 3),
             "weights_per_patch_mb": round(weight_bytes / 2**20, 3),
             "query_batch": len(query_prompts),
+            "resident": editor.pager.capacity, "pager_reads": editor.pager.reads,
+            "peak_rss_mb": peak_rss_mb(),
         }
         results.append(row)
         console.print(row)
@@ -115,7 +122,8 @@ def _add_copy(editor: Editor, template: Patch, patch_id: str, keys, layer: int,
     patch = Patch(id=patch_id, manifest={
         **template.manifest, "id": patch_id,
         "router": {"layer": layer, "threshold": threshold, "facts": [fact]}},
-        adapter_config=template.adapter_config, weights=template.weights, keys=keys)
+        adapter_config=template.adapter_config, weights=template.weights, keys=keys,
+        path=template.path)
     t0 = time.perf_counter()
     editor.apply(patch)
     return time.perf_counter() - t0

@@ -177,16 +177,17 @@ def test_score_every_scores_every_kth_record_right_after_its_edit(tiny_editor, t
 
 def test_killed_sequential_run_resumes_to_the_same_final_report(tiny_dir, tmp_path):
     """kill -9 of a `knowpatch bench --mode sequential` run, the same command again: the
-    final scores equal those of a run that was never interrupted."""
+    final scores equal those of a run that was never interrupted. The interrupted run keeps
+    one adapter in memory (`--resident 1`, the others paged from its store): same scores."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    def command(out):
+    def command(out, *extra):
         return [sys.executable, "-m", "knowpatch.cli", "bench", "--data", str(FIX / "counterfact.json"),
-                "--out", str(out), "--model", str(tiny_dir), "--device", "cpu", "--mode",
+                *extra, "--out", str(out), "--model", str(tiny_dir), "--device", "cpu", "--mode",
                 "sequential", "--strategy", "routed", "--n", "4", "--fluency-every", "0",
                 "--score-every", "2", *(f"{k}={','.join(v) if isinstance(v, list) else v}"
                                         for k, v in FAST.items())]
@@ -195,7 +196,7 @@ def test_killed_sequential_run_resumes_to_the_same_final_report(tiny_dir, tmp_pa
     whole = tmp_path / "whole"
     subprocess.run(command(whole), env=env, check=True, capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(command(cut), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(cut, "--resident", "1"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not ((cut / "rows.jsonl").is_file() and len(_rows(cut)) >= 2):
@@ -204,9 +205,11 @@ def test_killed_sequential_run_resumes_to_the_same_final_report(tiny_dir, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (cut / "report.json").exists()
-    subprocess.run(command(cut), env=env, check=True, capture_output=True)
+    subprocess.run(command(cut, "--resident", "1"), env=env, check=True, capture_output=True)
     a = json.loads((whole / "report.json").read_text())
     b = json.loads((cut / "report.json").read_text())
+    assert b["environment"]["resident"] == 1 and b["environment"]["pager_reads"] > 0
+    assert a["environment"]["resident"] is None
     for key in ("summary", "summary_immediate", "baseline"):
         for score in ("rel", "gen", "loc", "score", "n"):
             assert a[key].get(score) == b[key].get(score), (key, score)

@@ -170,6 +170,16 @@ def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
     assert last["router_recall"] == 100.0 and last["paraphrases"] == 3
     assert last["neighbour_fires_any_patch"] == 0.0 and last["neighbours"] == 3
     assert last["query_cost_vs_base"] > 0 and last["weights_per_patch_mb"] > 0
+    assert last["resident"] is None and last["pager_reads"] == 0
+    # paged: one adapter in memory, the copies read from disk when fired; same decisions
+    res = CliRunner().invoke(app, ["bench-router", "--model", str(tiny_dir), "--data", str(data),
+                                   "--n", "3", "--sizes", "3", "--queries", "4", "--resident",
+                                   "1", "--out", str(tmp_path / "paged")])
+    assert res.exit_code == 0, res.stderr
+    paged = json.loads((tmp_path / "paged" / "router_report.json").read_text())["rows"][-1]
+    assert paged["resident"] == 1 and paged["pager_reads"] >= 3
+    for key in ("router_recall", "neighbour_fires_any_patch", "paraphrase_fires_other_patch"):
+        assert paged[key] == last[key]
 
 
 def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor, tmp_path):
