@@ -40,6 +40,9 @@ class RowPlan:
     handoff: frozenset[str] = frozenset()
     """Adapters (with a step limit) after whose last step the base model re-reads the
     text so far: the rows they ran on continue from a cache of the base weights' states."""
+    train: bool = False
+    """Gradients flow to the adapters (training side by side): each runs its own product
+    on live weights, not the stacked copies inference uses."""
     stacks: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
     """Per LoRA layer: the fired adapters' weights stacked for batched products (filled on
     first use, so a plan reused over many generation steps stacks them once)."""
@@ -324,7 +327,7 @@ def _run_rows(plan: RowPlan, module, args, output):
     dropout_free = not module.training or all(
         isinstance(module.lora_dropout[a], torch.nn.Identity)
         for a in plan.rows if a in module.lora_dropout)
-    if not dropout_free:
+    if not dropout_free or plan.train:
         for adapter, rows in plan.rows.items():
             if adapter not in module.lora_A:
                 continue

@@ -61,6 +61,9 @@ class BenchSettings:
     score_every: int = 1
     """Sequential mode: score a record right after its own edit only every k-th record (all
     are scored again after the last edit)."""
+    parallel: int = 1
+    """Sequential mode (stack, routed), LoRA SFT: edits trained side by side, k at a time
+    (`Editor.edit_many`); each is then saved and scored as if trained alone."""
     method_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,12 @@ class BenchSettings:
             raise KnowpatchError(f"score_every: must be ≥ 1 (got {self.score_every})")
         if self.fluency_every < 0:
             raise KnowpatchError(f"fluency_every: must be ≥ 0 (got {self.fluency_every})")
+        if self.parallel < 1:
+            raise KnowpatchError(f"parallel: must be ≥ 1 (got {self.parallel})")
+        if self.parallel > 1 and (self.mode != "sequential" or self.strategy == "shared"
+                                  or self.method != "lora-sft"):
+            raise KnowpatchError("parallel: edits side by side need --mode sequential, "
+                                 "--strategy stack or routed, and --method lora-sft")
 
 
 def with_chat_template(tokenizer, case: Case) -> Case:
@@ -132,9 +141,12 @@ class Bench:
         # changed would mix two configurations
         resolved = None if self.s.method == "auto" else asdict(build_config(
             get_method(self.s.method).Config, self.s.method_config, where=self.s.method))
-        return {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
-                "model": self.editor.model_name, "fingerprint": self.editor.fingerprint,
-                "method_settings": resolved}
+        key = {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
+               "model": self.editor.model_name, "fingerprint": self.editor.fingerprint,
+               "method_settings": resolved}
+        if key["parallel"] == 1:  # as runs made before the setting existed recorded it
+            del key["parallel"]
+        return key
 
     def _check_resume(self) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +232,14 @@ class Bench:
                                  save=False, evaluate=False, into=into)
         return patch, time.perf_counter() - started
 
+    def edit_side_by_side(self, cases: list[Case]) -> dict[str, tuple[Patch, float]]:
+        """Each case's patch, trained side by side, and the wall time's share of each."""
+        started = time.perf_counter()
+        patches = self.editor.edit_many([c.requests for c in cases], config=self.s.method_config,
+                                        save=False, evaluate=False)
+        share = (time.perf_counter() - started) / len(cases)
+        return {c.case_id: (p, share) for c, p in zip(cases, patches)}
+
     # ---- modes ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.s.seed)
@@ -289,11 +309,18 @@ class Bench:
         bar.relabel("scoring the unedited model")
         for case, (scores, ref) in zip(cases, self.score_cases(cases, None, [], flags, bar)):
             base[case.case_id], refs[case.case_id] = scores, ref
+        edited: dict[str, tuple[Patch, float]] = {}  # trained side by side, not yet scored
         for index, case in enumerate(cases):
             fl = flags[index]
             if case.case_id in done:
                 continue
-            patch, seconds = self.edit_records(case.requests, into=shared)
+            if self.s.parallel > 1 and case.case_id not in edited:
+                todo = [c for c in cases[index:] if c.case_id not in done][:self.s.parallel]
+                edited = self.edit_side_by_side(todo)
+            if case.case_id in edited:
+                patch, seconds = edited.pop(case.case_id)
+            else:
+                patch, seconds = self.edit_records(case.requests, into=shared)
             if self.s.strategy == "shared":
                 shared = patch
                 patch.save(patch_dir / "shared", overwrite=True)

@@ -480,6 +480,9 @@ def bench(
     score_every: int = typer.Option(1, help="Sequential mode: score a record right after its "
                                     "own edit only every k-th record (every record is still "
                                     "scored after the last edit)."),
+    parallel: int = typer.Option(1, help="Sequential mode, LoRA SFT: train k edits side by "
+                                 "side (one batched forward/backward, an adapter each), then "
+                                 "save and score each as if trained alone."),
     keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
                                       "in OUT/patches."),
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
@@ -494,12 +497,12 @@ def bench(
     _setup_logging(verbose)
     _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
          fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every,
-         resident)
+         resident, parallel)
 
 
 def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
            fluency_every, seed, keep_patches, config, model, device, dtype, overrides,
-           score_every=1, resident=None) -> None:
+           score_every=1, resident=None, parallel=1) -> None:
     from .bench import Bench, BenchSettings, markdown
     from .config import build_config
     from .methods import get_method
@@ -513,7 +516,7 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
     settings = BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
                              batch_size=batch_size, strategy=strategy, chat_template=chat_template,
                              fluency_every=fluency_every, seed=seed, method_config=values,
-                             score_every=score_every)
+                             score_every=score_every, parallel=parallel)
     editor = _editor(model, device, dtype, None, resident)
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)

@@ -33,29 +33,19 @@ from .dispatch import Placement, RoutedForwards
 from .errors import KnowpatchError
 from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
+from .jobs import EditJob, Trained, edit_manifest
 from .methods import AUTO, Method, choose_method, get_method
+from .methods.side_by_side import check_side_by_side, train_side_by_side
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .paging import Pager
-from .patches import Patch, PatchStore, make_manifest, new_patch_id
+from .patches import Patch, PatchStore, new_patch_id
 from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
 from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys
 from .subjects import with_subjects
-from .training import LoopResult, is_main_process, peak_rss_mb
+from .training import is_main_process
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Trained:
-    """What training a patch gives, before it is scored and installed."""
-
-    patch_id: str
-    adapter_config: Any  # peft.LoraConfig; None for a delta patch
-    weights: dict[str, torch.Tensor]
-    result: LoopResult
-    seconds: float
-    keys: dict[str, torch.Tensor] | None = None  # router keys; None: acts on every query
 
 
 class Editor:
@@ -279,11 +269,51 @@ class Editor:
         `into`: keep training that (loaded) patch's adapter on the new requests instead of
         making a new one — EasyEdit's way of sequential editing, kept for comparison.
         """
+        options = dict(train_options or {})
+        job = self._job(requests, method, config, overrides, evaluate, bool(options.get("pairs")))
+        if job.kind == "delta":
+            trained = self._train_delta(job.module, job.requests, job.cfg, into, options)
+        else:
+            trained = self._train_lora(job.module, job.requests, job.cfg, into, options)
+        return self._finish(job, trained, into, save)
+
+    def edit_many(self, groups: Sequence[EditRequest | Sequence[EditRequest]], *,
+                  config: dict[str, Any] | Any | None = None, save: bool = True,
+                  evaluate: bool = True, **overrides: Any) -> list[Patch]:
+        """LoRA SFT edits trained side by side: a patch per group, all trained in one batched
+        forward/backward (each adapter on its own rows, each stopped once its own target is
+        learnt), then each keyed, scored, saved and applied as `edit` does it alone."""
+        jobs = [self._job(g, "lora-sft", config, overrides, evaluate, False) for g in groups]
+        check_side_by_side(jobs[0].cfg) if jobs else None
+        names = []
+        try:
+            for job in jobs:
+                names.append(new_patch_id(job.requests[0].subject or job.requests[0].prompt))
+                torch.manual_seed(job.cfg.seed)  # each adapter starts as it would alone
+                self.adapters.add(names[-1], job.module.adapter_config(self.model, job.cfg))
+            keys = [self._keys_for(j.requests, j.cfg.route_layer) if j.cfg.route else None
+                    for j in jobs]
+            results = train_side_by_side(self.model, self.tokenizer, self.adapters, names,
+                                         [j.requests for j in jobs], jobs[0].cfg,
+                                         base=lambda: self._base_only([]))
+        except BaseException:
+            for name in names:
+                self.adapters.remove(name)
+            self._activate(self._applied)
+            raise
+        return [self._finish(job, Trained(name, self.adapters.peft.peft_config[name],
+                                          self.adapters.weights(name), result, result.seconds, k),
+                             None, save)
+                for job, name, result, k in zip(jobs, names, results, keys)]
+
+    def _job(self, requests, method: str, config, overrides: dict[str, Any], evaluate: bool,
+             pairs: bool) -> EditJob:
+        """What an edit trains and how: the requests (subjects found where missing), the
+        method and its config, and the unedited baseline's scores."""
         requests = as_requests(requests)
         check_all_fit(requests, self.tokenizer,
                       getattr(self.model.config, "max_position_embeddings", None))
-        options = dict(train_options or {})
-        method, auto_why = self._resolve_method(method, len(requests), bool(options.get("pairs")))
+        method, auto_why = self._resolve_method(method, len(requests), pairs)
         module = get_method(method)
         cfg = build_config(module.Config, config if config is None or isinstance(config, dict)
                            else dataclasses.asdict(config), overrides, where=method)
@@ -298,22 +328,22 @@ class Editor:
         if evaluate:
             with self.using([]) as base:
                 baseline = run_evaluation(base, self.tokenizer, requests)
-        if kind == "delta":
-            trained = self._train_delta(module, requests, cfg, into, options)
-        else:
-            trained = self._train_lora(module, requests, cfg, into, options)
-        facts = sorted({fact_of(r) for r in requests} | set(
-            ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
+        return EditJob(requests, method, module, cfg, kind, auto_why, inferred, baseline)
+
+    def _finish(self, job: EditJob, trained: Trained, into: Patch | None, save: bool) -> Patch:
+        """Key, score, describe, install and save a trained patch."""
         self.pager.changed(trained.patch_id)  # its weights on disk (if any) are stale now
-        routing = self._key(trained, cfg, facts, requests, into)
+        facts = sorted({fact_of(r) for r in job.requests} | set(
+            ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
+        routing = self._key(trained, job.cfg, facts, job.requests, into)
         edited = None
-        if baseline is not None:
+        if job.baseline is not None:
             with self.using_names([trained.patch_id]) as model:
-                edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
-        manifest = self._manifest(
-            trained, requests, method, kind, cfg, into, edited, baseline, router=routing,
-            chosen_by=auto_why and f"auto: {auto_why}",
-            subjects_inferred={str(i): v for i, v in inferred.items()} or None)
+                edited = run_evaluation(model, self.tokenizer, job.requests, job.baseline.reference)
+        manifest = edit_manifest(
+            job, trained, self.base_info, self.base_params, into, edited, router=routing,
+            chosen_by=job.auto_why and f"auto: {job.auto_why}",
+            subjects_inferred={str(i): v for i, v in job.inferred.items()} or None)
         patch = self._install(trained, manifest, into)
         if save and is_main_process():  # under accelerate launch, one process writes
             if patch.path is not None:
@@ -348,29 +378,6 @@ class Editor:
                 "answer_tokens": max(answer, previous.get("answer_tokens") or 0)}
         self._register(trained.patch_id, trained.keys, info, getattr(cfg, "gate", "all"))
         return info
-
-    def _manifest(self, trained: Trained, requests: list[EditRequest], method: str, kind: str,
-                  cfg: Any, into: Patch | None, edited: Evaluation | None,
-                  baseline: Evaluation | None, **extra: Any) -> dict[str, Any]:
-        """The patch's manifest; `extra` entries that are not None are added as they are."""
-        n_params = sum(v.numel() for v in trained.weights.values())
-        previous = into.manifest if into is not None else {}
-        manifest = make_manifest(
-            patch_id=trained.patch_id, base=self.base_info, method=method,
-            config=dataclasses.asdict(cfg), kind=kind,
-            requests=previous.get("requests", []) + [r.to_dict() for r in requests],
-            scores=edited.summary if edited else None,
-            baseline=baseline.summary if baseline else None,
-            samples={"before": baseline.samples, "after": edited.samples} if edited else None,
-            steps=trained.result.steps, learnt=trained.result.learnt,
-            seconds=round(trained.seconds, 3), trainable_params=n_params,
-            trainable_fraction=round(n_params / self.base_params, 6),
-            peak_rss_mb=peak_rss_mb(), **trained.result.extra,
-        )
-        manifest.update({k: v for k, v in extra.items() if v is not None})
-        if into is not None:
-            manifest["edits"] = previous.get("edits", 1) + 1
-        return manifest
 
     def _install(self, trained: Trained, manifest: dict[str, Any], into: Patch | None) -> Patch:
         """Register the trained patch as loaded, keyed and applied."""
@@ -471,14 +478,9 @@ class Editor:
     def edit_preferences(self, pairs: Sequence[EditRequest], *, heldout: float = 0.2,
                          method: str = "dpo", seed: int = 0, save: bool = True,
                          samples: int = 3, **overrides: Any) -> tuple[Patch, dict[str, Any]]:
-        """A behaviour edit: one DPO patch over preference pairs (requests whose target_new is
-        the chosen answer and whose `rejected` is set). A `heldout` share of the pairs (seeded
-        shuffle) is kept out of training and measured before and after: preference accuracy
-        (log P(chosen) > log P(rejected), summed over the answer tokens), the mean margin
-        log P(chosen) − log P(rejected) in nats, and a few greedy generations.
-
-        Returns (patch, report); the report is also in the manifest under "preference".
-        """
+        """A behaviour edit: one DPO patch over preference pairs (requests with `rejected`
+        set); a `heldout` share is measured before and after (see `preferences`). Returns
+        (patch, report); the report is also in the manifest under "preference"."""
         patch, report = edit_preferences(self, as_requests(pairs), heldout=heldout,
                                          method=method, seed=seed, samples=samples, **overrides)
         if save and is_main_process():

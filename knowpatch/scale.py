@@ -61,11 +61,7 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
     subjects = [(req.subject or "").lower() for req in requests]
     usable = [i for i, k in enumerate(keys) if k is not None]
 
-    # one real patch whose weights every stored patch copies
-    template = editor.edit(requests[usable[0]], save=False, evaluate=False)
-    editor.remove(template)
-    if editor.pager.capacity is not None:  # paged copies read the template's file
-        template.save(out / "template", overwrite=True)
+    template = _template(editor, requests[usable[0]], out)
     # exact size of one loaded patch (adapter weights + router keys); RSS growth is noisier
     weight_bytes = sum(v.numel() * v.element_size() for k in (template.weights, keys[usable[0]])
                        for v in k.values())
@@ -108,6 +104,16 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
               "layer": layer, "threshold": threshold, "rows": results}
     (out / "router_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _template(editor: Editor, request, out: Path) -> Patch:
+    """One real patch whose weights every stored patch copies; saved when patches are paged
+    (the copies then read its file)."""
+    template = editor.edit(request, save=False, evaluate=False)
+    editor.remove(template)
+    if editor.pager.capacity is not None:
+        template.save(out / "template", overwrite=True)
+    return template
 
 
 def _query_prompts(requests, usable: list[int], queries: int) -> list[str]:

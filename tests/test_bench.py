@@ -216,3 +216,22 @@ def test_killed_sequential_run_resumes_to_the_same_final_report(tiny_dir, tmp_pa
     final = [[json.loads(x) for x in (out / "final.jsonl").read_text().splitlines()]
              for out in (whole, cut)]
     assert final[0] == final[1]
+
+
+def test_sequential_side_by_side_edits_score_as_one_at_a_time(tiny_editor, tmp_path):
+    """--parallel 2: edits trained two at a time, each saved as its own patch; after the
+    last edit the scores are those of the run that trained one at a time (3 records)."""
+    one = _bench(tiny_editor, tmp_path / "one", mode="sequential", strategy="routed", n=3).run()
+    for p in list(tiny_editor.applied):
+        tiny_editor.remove(p)
+    two = _bench(tiny_editor, tmp_path / "two", mode="sequential", strategy="routed", n=3,
+                 parallel=2).run()
+    rows = _rows(tmp_path / "two")
+    assert len({r["patch_id"] for r in rows}) == 3 and all(r["learnt"] for r in rows)
+    manifests = [json.loads((tmp_path / "two" / "patches" / r["patch_id"] / "patch.json")
+                            .read_text()) for r in rows]
+    assert [m["side_by_side"] for m in manifests] == [2, 2, 1]
+    for key in ("rel", "gen", "loc"):
+        assert two["summary"][key] == one["summary"][key], key
+    with pytest.raises(KnowpatchError, match="parallel"):
+        BenchSettings(data="x", parallel=2)  # single mode
