@@ -572,6 +572,54 @@ def bench_router(
     _run(body)
 
 
+@app.command()
+def calibrate(
+    data: Path = typer.Option(..., "--data", help="Benchmark file with paraphrases and "
+                              "neighbourhood prompts (e.g. ../shared/data/counterfact/"
+                              "counterfact_500.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for calibration.json and "
+                                 "router.yaml (pass it to edit/bench as --config)."),
+    n: int = typer.Option(100, "--n", help="Records to calibrate on."),
+    layers: str | None = typer.Option(None, help="Candidate router layers, comma-separated "
+                                      "(default: 1-8)."),
+    max_false_fire: float = typer.Option(1.0, help="Highest share (%) of must-not-fire "
+                                         "prompts that may reach the threshold."),
+    model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Choose the router's layer and threshold for a model: per candidate layer, how well a
+    record's key fires on its paraphrases and not on its neighbours or other records' prompts
+    (AUC; recall and false fires at the chosen threshold). Writes router.yaml for --config."""
+    _setup_logging(verbose)
+
+    def body():
+        from .calibrate import calibrate as run
+
+        try:
+            layer_list = [int(x) for x in layers.split(",") if x.strip()] if layers else None
+        except ValueError:
+            _fail(f"layers: expected comma-separated integers, got {layers!r}")
+        if not data.is_file():
+            _fail(f"data: no such file {str(data)!r}")
+        if not 0 <= max_false_fire < 100:
+            _fail(f"max_false_fire: must be in [0, 100) (got {max_false_fire})")
+        editor = _editor(model, device, dtype, None)
+        report = run(editor, str(data), n, layer_list, max_false_fire, out_dir)
+        table = Table(title=f"router calibration: {report['n']} records, {report['probes']} "
+                      f"prompts, false fires ≤ {max_false_fire} %", title_justify="left")
+        for c in ("layer", "auc", "threshold", "recall", "false_fire"):
+            table.add_column(c.replace("_", " "), justify="right")
+        for row in report["layers"]:
+            table.add_row(*(str(row[c]) for c in ("layer", "auc", "threshold", "recall",
+                                                  "false_fire")))
+        out.print(table)
+        chosen = report["chosen"]
+        out.print(f"chosen: route_layer={chosen['route_layer']} "
+                  f"route_threshold={chosen['route_threshold']}; use with "
+                  f"--config {out_dir / 'router.yaml'}")
+    _run(body)
+
+
 @app.command("bench-serve")
 def bench_serve(
     data: Path = typer.Option(..., "--data", help="Benchmark file: its first records give the "

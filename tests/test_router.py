@@ -528,3 +528,38 @@ def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
     assert b.id in router.candidates(rows[4])  # no token ids: always scored
     tiny_editor.remove(a)
     assert router.candidates(rows[0]) == {b.id}
+
+
+def test_calibrate_measures_each_layer_and_writes_a_config(tiny_dir, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from knowpatch.calibrate import auc, threshold_at
+    from knowpatch.cli import app
+
+    assert auc([0.9, 0.8], [0.1, 0.8]) == pytest.approx(0.875)
+    # 1 of 4 negatives may reach it: the threshold sits just above the second highest
+    assert threshold_at([0.9, 0.7, 0.5], [0.95, 0.6, 0.2, 0.1], 25.0) == (0.61, pytest.approx(200 / 3), 25.0)
+    lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
+              "subject": name, "rephrase_prompts": [f"The {name} is located in"],
+              "locality": [{"prompt": "My favourite food is"}]}
+             for name in ("Eiffel Tower", "Kremlin", "Colosseum")]
+    data = tmp_path / "edits.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                   "--n", "3", "--layers", "1,2", "--max-false-fire", "0",
+                                   "--out", str(tmp_path / "cal")])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == [1, 2]
+    for row in report["layers"]:
+        assert row["positives"] == 3 and row["negatives"] >= 3 and row["false_fire"] == 0.0
+    chosen = yaml.safe_load((tmp_path / "cal" / "router.yaml").read_text())
+    best = max(report["layers"], key=lambda r: (r["recall"], -r["layer"]))
+    assert chosen == {"route_layer": best["layer"], "route_threshold": best["threshold"]}
+    assert best["recall"] == 100.0  # paraphrases keep the edit prompt's prefix
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--data", str(data),
+                                   "--layers", "1,9", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "layers" in res.stderr
