@@ -42,7 +42,9 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 DEMO_PARAPHRASE = "Where is the Eiffel Tower? It stands in the city of"
 DEMO_NEIGHBORS = ["The Louvre is located in the city of", "The capital of Germany is"]
-DEMO_FREE_TEXT = ["The Eiffel Tower is", "Visitors to the Eiffel Tower can"]
+# the edit prompt (the answer, then what the model writes after it) and open prompts about
+# the subject (the answer need not come first: the text may keep the old facts)
+DEMO_FREE_TEXT = [DEMO_PROMPT, "The Eiffel Tower is", "Visitors to the Eiffel Tower can"]
 DEMO_FREE_TOKENS = 40
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
