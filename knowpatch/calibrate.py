@@ -10,7 +10,7 @@ should fire it from those that must not:
   subject), taking the highest.
 
 Per layer it reports the AUC of the two score sets and, for the lowest threshold (rounded
-up to 0.01) whose false-fire rate is at most `max_false_fire` %, the recall. The chosen
+up to 0.001) whose false-fire rate is at most `max_false_fire` %, the recall. The chosen
 layer has the highest recall there (ties: the lower, cheaper layer). It writes
 calibration.json and router.yaml, a method config of the two settings to pass as
 `--config` (edit, bench) — nothing changes silently: a patch records the layer and
@@ -44,12 +44,13 @@ def auc(positives: list[float], negatives: list[float]) -> float | None:
 
 def threshold_at(positives: list[float], negatives: list[float], max_false_fire: float
                  ) -> tuple[float, float, float]:
-    """(threshold, recall %, false-fire %): the lowest threshold, rounded up to 0.01, at
-    which at most `max_false_fire` % of the negatives reach it."""
+    """(threshold, recall %, false-fire %): the lowest threshold, on a grid of 0.001 (deep
+    layers' cosines crowd near 1, where 0.01 is too coarse), at which at most
+    `max_false_fire` % of the negatives reach it."""
     allowed = math.floor(len(negatives) * max_false_fire / 100)
     ranked = sorted(negatives, reverse=True)
     edge = ranked[allowed] if allowed < len(ranked) else -1.0  # must be above this one
-    threshold = min(1.0, math.floor(edge * 100) / 100 + 0.01)
+    threshold = min(1.0, round(math.floor(edge * 1000) / 1000 + 0.001, 3))
     recall = 100 * sum(p >= threshold for p in positives) / max(len(positives), 1)
     false = 100 * sum(n >= threshold for n in negatives) / max(len(negatives), 1)
     return threshold, recall, false

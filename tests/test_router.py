@@ -541,7 +541,7 @@ def test_calibrate_measures_each_layer_and_writes_a_config(tiny_dir, tmp_path):
 
     assert auc([0.9, 0.8], [0.1, 0.8]) == pytest.approx(0.875)
     # 1 of 4 negatives may reach it: the threshold sits just above the second highest
-    assert threshold_at([0.9, 0.7, 0.5], [0.95, 0.6, 0.2, 0.1], 25.0) == (0.61, pytest.approx(200 / 3), 25.0)
+    assert threshold_at([0.9, 0.7, 0.5], [0.95, 0.6, 0.2, 0.1], 25.0) == (0.601, pytest.approx(200 / 3), 25.0)
     lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
               "subject": name, "rephrase_prompts": [f"The {name} is located in"],
               "locality": [{"prompt": "My favourite food is"}]}
