@@ -97,8 +97,6 @@ def _editor(model: str, device: str, dtype: str | None, store: Path | None,
             resident: int | None = None):
     from .editor import Editor
 
-    if resident is not None and resident < 1:
-        _fail(f"resident: must be at least 1 (got {resident})")
     with err.status(f"loading {model} (converted once on first use)…"):
         return Editor.from_pretrained(model, device=device, dtype=dtype, store=_store(store),
                                       resident=resident)

@@ -35,7 +35,7 @@ from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
 from .jobs import EditJob, Trained, edit_manifest
 from .methods import AUTO, Method, choose_method, get_method
-from .methods.side_by_side import check_side_by_side, train_side_by_side
+from .methods.side_by_side import train_side_by_side
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .paging import Pager
 from .patches import Patch, PatchStore, new_patch_id
@@ -283,14 +283,16 @@ class Editor:
         """LoRA SFT edits trained side by side: a patch per group, all trained in one batched
         forward/backward (each adapter on its own rows, each stopped once its own target is
         learnt), then each keyed, scored, saved and applied as `edit` does it alone."""
+        if not groups:
+            return []
         jobs = [self._job(g, "lora-sft", config, overrides, evaluate, False) for g in groups]
-        check_side_by_side(jobs[0].cfg) if jobs else None
-        names = []
+        names, configs = [], []
         try:
             for job in jobs:
                 names.append(new_patch_id(job.requests[0].subject or job.requests[0].prompt))
                 torch.manual_seed(job.cfg.seed)  # each adapter starts as it would alone
-                self.adapters.add(names[-1], job.module.adapter_config(self.model, job.cfg))
+                configs.append(job.module.adapter_config(self.model, job.cfg))
+                self.adapters.add(names[-1], configs[-1])
             keys = [self._keys_for(j.requests, j.cfg.route_layer) if j.cfg.route else None
                     for j in jobs]
             results = train_side_by_side(self.model, self.tokenizer, self.adapters, names,
@@ -301,10 +303,9 @@ class Editor:
                 self.adapters.remove(name)
             self._activate(self._applied)
             raise
-        return [self._finish(job, Trained(name, self.adapters.peft.peft_config[name],
-                                          self.adapters.weights(name), result, result.seconds, k),
-                             None, save)
-                for job, name, result, k in zip(jobs, names, results, keys)]
+        return [self._finish(job, Trained(name, cfg, self.adapters.weights(name), result,
+                                          result.seconds, k), None, save)
+                for job, name, cfg, result, k in zip(jobs, names, configs, results, keys)]
 
     def _job(self, requests, method: str, config, overrides: dict[str, Any], evaluate: bool,
              pairs: bool) -> EditJob:
@@ -332,7 +333,6 @@ class Editor:
 
     def _finish(self, job: EditJob, trained: Trained, into: Patch | None, save: bool) -> Patch:
         """Key, score, describe, install and save a trained patch."""
-        self.pager.changed(trained.patch_id)  # its weights on disk (if any) are stale now
         facts = sorted({fact_of(r) for r in job.requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
         routing = self._key(trained, job.cfg, facts, job.requests, into)
@@ -404,7 +404,7 @@ class Editor:
             if patch_id not in self._loaded:
                 self._load(into)
             self.pager.need([patch_id])
-            self.pager.changed(patch_id)  # trained on: resident until saved again
+            self.pager.forget(patch_id)  # trained on: resident until saved again
         else:
             patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
             torch.manual_seed(cfg.seed)

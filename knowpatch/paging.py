@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterBank
+from .errors import KnowpatchError
 from .patches import ADAPTER_WEIGHTS, Patch
 
 
@@ -51,6 +52,9 @@ class OnDisk(Mapping):
     def items(self):  # one read for all tensors, not one per key
         return self._read().items()
 
+    def values(self):
+        return self._read().values()
+
 
 class Pager:
     """Which pageable LoRA patches are resident in `bank`: at most `capacity` (None: no
@@ -58,7 +62,7 @@ class Pager:
 
     def __init__(self, bank: AdapterBank, capacity: int | None = None):
         if capacity is not None and capacity < 1:
-            raise ValueError(f"resident: must be ≥ 1 (got {capacity})")
+            raise KnowpatchError(f"resident: must be at least 1 (got {capacity})")
         self.bank, self.capacity = bank, capacity
         self.patches: dict[str, Patch] = {}  # pageable patches, resident or not
         self.recent: OrderedDict[str, None] = OrderedDict()  # resident pageable, oldest first
@@ -84,13 +88,11 @@ class Pager:
             self.recent[patch.id] = None
             self._evict(keep={patch.id})
 
-    def changed(self, name: str) -> None:
-        """Adapter `name` is training: its disk copy is stale, it must stay resident."""
+    def forget(self, name: str) -> None:
+        """Take `name` off the books: it is unloaded, or training (its disk copy is stale, so
+        it must stay resident until saved again)."""
         self.patches.pop(name, None)
         self.recent.pop(name, None)
-
-    def forget(self, name: str) -> None:
-        self.changed(name)
 
     def resident(self) -> list[str]:
         return [n for n in self.patches if n in self.bank]

@@ -145,6 +145,20 @@ def test_edit_sequential_makes_one_patch_per_request_and_supersedes(tiny_editor)
     assert tiny_editor.generate(KREMLIN.prompt, max_new_tokens=2)[0].startswith(" Oslo")
 
 
+def _three_subjects(tmp_path):
+    """A records file of three subjects. Paraphrases that keep the edit prompt's prefix fire
+    their patch even on a random model; the neighbour names no stored subject."""
+    import json
+
+    lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
+              "subject": name, "rephrase_prompts": [f"The {name} is located in"],
+              "locality": [{"prompt": "My favourite food is"}]}
+             for name in ("Eiffel Tower", "Kremlin", "Colosseum")]
+    data = tmp_path / "edits.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return data
+
+
 def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
     import json
 
@@ -152,14 +166,7 @@ def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
 
     from knowpatch.cli import app
 
-    # paraphrases that keep the edit prompt's prefix fire their patch even on a random model;
-    # the neighbour names no stored subject and must fire none
-    lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
-              "subject": name, "rephrase_prompts": [f"The {name} is located in"],
-              "locality": [{"prompt": "My favourite food is"}]}
-             for name in ("Eiffel Tower", "Kremlin", "Colosseum")]
-    data = tmp_path / "edits.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data = _three_subjects(tmp_path)
     res = CliRunner().invoke(app, ["bench-router", "--model", str(tiny_dir), "--data", str(data),
                                    "--n", "3", "--sizes", "1,3", "--queries", "4",
                                    "--out", str(tmp_path / "out")])
@@ -542,12 +549,7 @@ def test_calibrate_measures_each_layer_and_writes_a_config(tiny_dir, tmp_path):
     assert auc([0.9, 0.8], [0.1, 0.8]) == pytest.approx(0.875)
     # 1 of 4 negatives may reach it: the threshold sits just above the second highest
     assert threshold_at([0.9, 0.7, 0.5], [0.95, 0.6, 0.2, 0.1], 25.0) == (0.601, pytest.approx(200 / 3), 25.0)
-    lines = [{"prompt": f"The {name} is located in the city of", "target_new": "Rome",
-              "subject": name, "rephrase_prompts": [f"The {name} is located in"],
-              "locality": [{"prompt": "My favourite food is"}]}
-             for name in ("Eiffel Tower", "Kremlin", "Colosseum")]
-    data = tmp_path / "edits.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data = _three_subjects(tmp_path)
     res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--data", str(data),
                                    "--n", "3", "--layers", "1,2", "--max-false-fire", "0",
                                    "--out", str(tmp_path / "cal")])
