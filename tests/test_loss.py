@@ -36,3 +36,42 @@ def test_target_loss_matches_hand_computation():
     logits[0, 2, 4] = 4.5
     assert target_loss(logits, batch["labels"], margin=1.0)[1]
     assert not target_loss(logits, batch["labels"], margin=2.0)[1]
+
+
+def test_logits_read_only_where_a_loss_reads_them_give_the_same_loss_and_gradient(tiny_editor):
+    # the training step asks the model for the target positions' logits only (plus an
+    # anchor's last token); loss, gap and gradients must equal the full-logits computation
+    from knowpatch.methods.common import logits_at, next_labels, predicted, token_loss
+
+    model, tok = tiny_editor.model, tiny_editor.tokenizer
+    rows = [Example(tok("The Eiffel Tower is in")["input_ids"], tok(" Rome city")["input_ids"]),
+            Example(tok("Note: the tower is in")["input_ids"], tok(" Rome")["input_ids"]),
+            Example(tok("An anchor prompt")["input_ids"], [])]
+    batch = collate(rows, tok.pad_token_id, torch.device("cpu"))
+    where = predicted(batch["labels"])
+    where[2, len(rows[2].prompt_ids) - 1] = True  # the anchor's last token
+    assert int(where.sum()) == len(rows[0].target_ids) + len(rows[1].target_ids) + 1
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want, want_learnt, want_gap = target_loss(full, batch["labels"], margin=0.5)
+    want_grads = grads(want + full[2, len(rows[2].prompt_ids) - 1].logsumexp(-1))
+    kept = logits_at(model, batch, where)
+    assert kept.shape == (int(where.sum()), full.shape[-1])
+    nxt = next_labels(batch["labels"])[where]
+    target = nxt != IGNORE
+    got, learnt, gap = token_loss(kept[target], nxt[target], margin=0.5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert (learnt, gap) == (want_learnt, pytest.approx(want_gap, rel=1e-5))
+    got_grads = grads(got + kept[~target][0].logsumexp(-1))
+    assert len(got_grads) == len(want_grads) > 0
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    for p in model.parameters():
+        p.requires_grad_(False)

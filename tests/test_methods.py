@@ -165,3 +165,18 @@ def test_patch_json_records_the_kind(tiny_editor):
                              prefixes=0)
     manifest = json.loads((patch.path / "patch.json").read_text())
     assert manifest["kind"] == "delta" and manifest["method"] == "ft-m"
+
+
+def test_row_logprobs_from_the_labelled_positions_equal_completion_logprobs():
+    from knowpatch.methods.common import IGNORE, next_labels, predicted
+    from knowpatch.methods.dpo import row_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), IGNORE)
+    labels[0, 2:5] = torch.tensor([1, 2, 3])
+    labels[1, 1] = 7
+    labels[2, 4:6] = torch.tensor([9, 10])
+    where = predicted(labels)
+    got = row_logprobs(logits[where], next_labels(labels)[where], where.nonzero()[:, 0], 3)
+    torch.testing.assert_close(got, completion_logprobs(logits, labels))

@@ -149,19 +149,72 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor,
 
     `logits[:, t]` predicts `labels[:, t + 1]`. Returns (loss, learnt, smallest gap).
     """
-    logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     mask = labels != IGNORE
-    safe = labels.clamp(min=0).unsqueeze(-1)
-    logp = torch.log_softmax(logits, dim=-1)
-    token_logp = logp.gather(-1, safe).squeeze(-1)
-    loss = -(token_logp * mask).sum() / mask.sum().clamp(min=1)
+    return token_loss(logits[:, :-1][mask], labels[mask], margin)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor,
+               margin: float) -> tuple[torch.Tensor, bool, float]:
+    """`target_loss` on logits already taken where a target is predicted: (N, vocab) logits,
+    (N,) target tokens."""
+    logits = logits.float()
+    if not targets.numel():
+        return logits.sum() * 0.0, True, float("inf")
+    safe = targets.unsqueeze(-1)
+    loss = -torch.log_softmax(logits, dim=-1).gather(-1, safe).mean()
     with torch.no_grad():
-        target_logit = logits.gather(-1, safe).squeeze(-1)
         rival = logits.scatter(-1, safe, float("-inf")).max(dim=-1).values
-        gap = (target_logit - rival)[mask]
-        min_gap = float(gap.min()) if gap.numel() else float("inf")
+        min_gap = float((logits.gather(-1, safe).squeeze(-1) - rival).min())
     return loss, min_gap >= margin, min_gap
+
+
+def predicted(labels: torch.Tensor) -> torch.Tensor:
+    """(rows, width) bool: the positions whose next token is labelled (their logits are what a
+    target loss reads)."""
+    return F.pad(labels[:, 1:] != IGNORE, (0, 1), value=False)
+
+
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """`labels` moved one position left (IGNORE at the end): the token each position predicts."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def logits_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+    """The logits at the True positions of `where` (rows, width) only, row by row: (N, vocab).
+
+    A training forward reads the logits of a few target positions; the output layer over the
+    whole vocabulary at every position (SmolLM2: 49,152 × 576, a fifth of the forward) and
+    its backward are work thrown away. transformers' `logits_to_keep` (a boolean mask per
+    row) slices the hidden states before the output layer, and any final soft-capping still
+    runs; a model whose forward lacks it gets full logits, indexed here.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not _keeps_logits(model):
+        return model(**inputs).logits[where]
+    out = model(**inputs, logits_to_keep=where).logits
+    if out.dim() == 2 and out.shape[0] == int(where.sum()):
+        return out
+    if out.shape[:2] == where.shape:  # a forward that took the mask but kept every position
+        return out[where]
+    raise KnowpatchError(f"logits_to_keep: {type(model).__name__} returned logits of shape "
+                         f"{tuple(out.shape)} for a mask of shape {tuple(where.shape)}")
+
+
+def _keeps_logits(model) -> bool:
+    """Whether `model`'s forward (under any DDP-style `.module` wrappers) takes
+    `logits_to_keep`."""
+    import inspect
+
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    kind = type(model)
+    if kind not in _KEEPS:
+        _KEEPS[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _KEEPS[kind]
+
+
+_KEEPS: dict[type, bool] = {}
 
 
 def last_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -240,5 +293,4 @@ def keep_examples(base_model, tokenizer, requests: list[EditRequest], tokens: in
 def continuation_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probs at the positions that predict each row's labelled tokens, flattened:
     (positions, vocab)."""
-    positions = batch["labels"][:, 1:] != IGNORE
-    return torch.log_softmax(logits[:, :-1][positions].float(), dim=-1)
+    return torch.log_softmax(logits[predicted(batch["labels"])].float(), dim=-1)

@@ -32,7 +32,17 @@ import torch.nn.functional as F
 from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, run_loop
 from . import full_sft
-from .common import IGNORE, Example, collate, lora_config, target_loss, training_prefixes
+from .common import (
+    IGNORE,
+    Example,
+    collate,
+    logits_at,
+    lora_config,
+    next_labels,
+    predicted,
+    token_loss,
+    training_prefixes,
+)
 
 NAME = "dpo"
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -143,6 +153,14 @@ def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (logp.squeeze(-1) * mask).sum(-1)
 
 
+def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                 n_rows: int) -> torch.Tensor:
+    """`completion_logprobs` from the logits read at the labelled positions only: (N, vocab)
+    logits, each position's target token and row; (n_rows,) sums."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1))
+    return logp.new_zeros(n_rows).index_add(0, rows, logp.squeeze(-1))
+
+
 def _greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     from ..evaluate import greedy
 
@@ -207,15 +225,16 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     n = len(chosen_ex)
     rej_rows = torch.tensor([i for i, h in enumerate(has_rej) if h], dtype=torch.long,
                             device=device)
+    where = predicted(batch["labels"])  # every read position is a labelled one
+    rows, targets, n_rows = where.nonzero()[:, 0], next_labels(batch["labels"])[where], len(where)
+    chosen = rows < n
     with torch.no_grad(), base() as base_model:
-        ref = completion_logprobs(base_model(input_ids=batch["input_ids"],
-                                             attention_mask=batch["attention_mask"]).logits,
-                                  batch["labels"])
+        ref = row_logprobs(logits_at(base_model, batch, where), targets, rows, n_rows)
 
     def step(model) -> StepOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = completion_logprobs(logits, batch["labels"])
-        sft, learnt, gap = target_loss(logits[:n], batch["labels"][:n], config.margin)
+        logits = logits_at(model, batch, where)
+        logp = row_logprobs(logits, targets, rows, n_rows)
+        sft, learnt, gap = token_loss(logits[chosen], targets[chosen], config.margin)
         info = {"gap": gap}
         loss = config.alpha * sft
         if len(rej_rows):

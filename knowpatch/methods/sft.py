@@ -14,6 +14,7 @@ import torch
 from ..requests import EditRequest
 from ..training import LoopResult, LoopSettings, StepOutput, run_loop
 from .common import (
+    IGNORE,
     Example,
     anchor_prompts,
     collate,
@@ -23,7 +24,10 @@ from .common import (
     keep_examples,
     kl_to_reference,
     last_token_logprobs,
-    target_loss,
+    logits_at,
+    next_labels,
+    predicted,
+    token_loss,
     training_prefixes,
 )
 
@@ -38,6 +42,11 @@ class Chunk:
     ref_logp: torch.Tensor | None  # the base model's last-token log-probs on the anchors
     first_target: torch.Tensor | None  # per anchor: its request target's first token
     keep_ref: torch.Tensor | None = None  # base log-probs of the text after each answer
+    where: torch.Tensor | None = None
+    """(rows, width) bool: the positions whose logits a step reads (the target tokens'
+    predictions and each anchor's last token); the step's logits are those, row by row."""
+    rows: torch.Tensor | None = None  # per read position: its row
+    next: torch.Tensor | None = None  # per read position: the token it predicts (or IGNORE)
 
 
 def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
@@ -106,7 +115,11 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
     if gated:
         batch["gate"] = _gate(examples, anchors, keep, config.gate, batch["input_ids"].shape,
                               device)
-    return Chunk(batch, len(examples), len(anchors), ref_logp, first_target, keep_ref)
+    where = predicted(batch["labels"])
+    for row, e in enumerate(anchors, start=len(examples)):
+        where[row, len(e.prompt_ids) - 1] = True
+    return Chunk(batch, len(examples), len(anchors), ref_logp, first_target, keep_ref, where,
+                 where.nonzero()[:, 0], next_labels(batch["labels"])[where])
 
 
 def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
@@ -143,25 +156,24 @@ class _Steps:
         c, config = self.chunks[index], self.config
         gated = self.gate(c.batch["gate"]) if self.gate is not None else contextlib.nullcontext()
         with gated:
-            logits = model(input_ids=c.batch["input_ids"],
-                           attention_mask=c.batch["attention_mask"]).logits
+            logits = logits_at(model, c.batch, c.where)  # (read positions, vocab)
         info = {}
         keep = None
+        labelled = c.next != IGNORE
         if c.keep_ref is not None:  # the rows after the edit and anchor rows
-            start = c.n_edit + c.n_anchor
-            rows = {k: c.batch[k][start:] for k in ("labels",)}
-            keep = kl_to_reference(c.keep_ref, continuation_logprobs(logits[start:], rows))
+            after = labelled & (c.rows >= c.n_edit + c.n_anchor)
+            keep = kl_to_reference(c.keep_ref, torch.log_softmax(logits[after].float(), dim=-1))
             info["keep_kl"] = float(keep.detach())
-        loss, learnt, gap = target_loss(logits[:c.n_edit], c.batch["labels"][:c.n_edit],
-                                        config.margin)
+        edit = labelled & (c.rows < c.n_edit)
+        loss, learnt, gap = token_loss(logits[edit], c.next[edit], config.margin)
         self.learnt[index] = learnt
         info["gap"] = gap
         if keep is not None:
             loss = loss + config.keep_weight * keep
-        if c.ref_logp is not None:
-            last = c.batch["attention_mask"][c.n_edit:c.n_edit + c.n_anchor].sum(dim=1) - 1
+        if c.ref_logp is not None:  # one read position per anchor row: its last token
+            anchor = (c.rows >= c.n_edit) & (c.rows < c.n_edit + c.n_anchor)
+            logp = torch.log_softmax(logits[anchor].float(), dim=-1)
             rows = torch.arange(c.n_anchor, device=logits.device)
-            logp = torch.log_softmax(logits[c.n_edit:][rows, last].float(), dim=-1)
             if config.anchor_weight > 0:
                 kl = kl_to_reference(c.ref_logp, logp)
                 loss = loss + config.anchor_weight * kl

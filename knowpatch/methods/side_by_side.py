@@ -26,7 +26,7 @@ from ..adapters import AdapterBank, RowPlan
 from ..errors import KnowpatchError
 from ..requests import EditRequest
 from ..training import LoopResult
-from .common import IGNORE, target_loss, training_prefixes
+from .common import IGNORE, logits_at, next_labels, predicted, token_loss, training_prefixes
 from .sft import Chunk, prepare_chunk
 
 
@@ -72,13 +72,10 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
             batch, rows = _merged([chunks[i] for i in active], tokenizer.pad_token_id)
             plan = RowPlan({names[i]: rows[j] for j, i in enumerate(active)}, train=True)
             with bank.running(plan):
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
+                each = _row_losses(model, batch, rows, config.margin)
             going = []
             late = config.max_seconds and time.perf_counter() - started > config.max_seconds
-            for j, i in enumerate(active):
-                loss, learnt, _gap = target_loss(logits[rows[j]], batch["labels"][rows[j]],
-                                                 config.margin)
+            for (loss, learnt), i in zip(each, active):
                 losses[i].append(float(loss.detach()))
                 if learnt or steps[i] >= config.max_steps or late:
                     results[i] = LoopResult(steps=steps[i], learnt=learnt, seconds=0.0,
@@ -104,6 +101,21 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
         r.seconds = share
         r.extra["side_by_side"] = len(names)
     return results
+
+
+def _row_losses(model, batch: dict[str, torch.Tensor], rows: list[torch.Tensor],
+                margin: float) -> list[tuple[torch.Tensor, bool]]:
+    """One forward of the merged batch; each edit's target loss over its own rows, and
+    whether it is learnt."""
+    where = predicted(batch["labels"])
+    at, targets = where.nonzero()[:, 0], next_labels(batch["labels"])[where]
+    logits = logits_at(model, batch, where)
+    out = []
+    for mine in rows:
+        read = torch.isin(at, mine)
+        loss, learnt, _gap = token_loss(logits[read], targets[read], margin)
+        out.append((loss, learnt))
+    return out
 
 
 def _merged(chunks: list[Chunk], pad_id: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
