@@ -356,6 +356,7 @@ class Bench:
             "steps": patch.steps, "learnt": patch.manifest.get("learnt"),
             "edit_seconds": round(seconds / group_size, 4), "eval_seconds": round(eval_seconds, 4),
             "group_size": group_size, "patch_id": patch.id,
+            "phases": patch.manifest.get("phases"),
         }
 
     # ---- report -----------------------------------------------------------------------
@@ -372,6 +373,7 @@ class Bench:
             "steps_median": statistics.median([r["steps"] for r in rows]) if rows else None,
             "eval_s_per_record": _round(statistics.mean([r["eval_seconds"] for r in rows])) if rows else None,
             "peak_rss_mb": peak_rss_mb(), "n": len(rows),
+            "phases_median": phase_medians(rows),
         })
         report = {
             "config": {**asdict(self.s), "keep_patches": self.keep},
@@ -385,7 +387,7 @@ class Bench:
             report["summary_immediate"] = {**summarize_rows(immediate), "n": len(immediate)}
         (self.out / "report.json").write_text(json.dumps(report, indent=2))
         (self.out / "report.md").write_text(markdown([(self.out.name, report)]) + "\n"
-                                            + writing(rows, report))
+                                            + phase_line(summary) + writing(rows, report))
         try:
             figure(rows, report, self.out / "report.png")
         except Exception as exc:  # noqa: BLE001 - a missing figure must not lose the report
@@ -487,6 +489,26 @@ def environment(editor: Editor) -> dict[str, Any]:
 
 TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
               "loc_tf", "fluency", "rep", "mention", "multihop")
+
+
+def phase_medians(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Per phase of an edit (training.phase: keys, prefixes, forward, backward, ...), the
+    median over the records of its seconds per edit (0 where a record's edit skipped it)."""
+    timed = [r["phases"] for r in rows if r.get("phases")]
+    if not timed:
+        return None
+    names = dict.fromkeys(k for t in timed for k in t)
+    return {k: _round(statistics.median([t.get(k, 0.0) for t in timed]), 4) for k in names}
+
+
+def phase_line(summary: dict[str, Any]) -> str:
+    """Markdown: where an edit's time goes (median seconds per phase)."""
+    phases = summary.get("phases_median")
+    if not phases:
+        return ""
+    return ("Where an edit's time goes (median s per edit; the rest of s/edit is the patch's "
+            "install): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+            + f"; s/edit {summary.get('s_per_edit_median')}.\n")
 
 
 def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:

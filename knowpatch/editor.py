@@ -34,7 +34,7 @@ from .errors import KnowpatchError
 from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
 from .jobs import EditJob, Trained, edit_manifest
-from .methods import AUTO, Method, choose_method, get_method
+from .methods import Method, get_method, resolve_method
 from .methods.side_by_side import train_side_by_side
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .paging import Pager
@@ -43,7 +43,7 @@ from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
 from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys
 from .subjects import with_subjects
-from .training import is_main_process
+from .training import clocked, is_main_process, phase
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +270,13 @@ class Editor:
         making a new one — EasyEdit's way of sequential editing, kept for comparison.
         """
         options = dict(train_options or {})
-        job = self._job(requests, method, config, overrides, evaluate, bool(options.get("pairs")))
-        if job.kind == "delta":
-            trained = self._train_delta(job.module, job.requests, job.cfg, into, options)
-        else:
-            trained = self._train_lora(job.module, job.requests, job.cfg, into, options)
-        return self._finish(job, trained, into, save)
+        with clocked() as phases:  # the manifest's `phases`: where the edit's time went
+            job = self._job(requests, method, config, overrides, evaluate, bool(options.get("pairs")))
+            if job.kind == "delta":
+                trained = self._train_delta(job.module, job.requests, job.cfg, into, options)
+            else:
+                trained = self._train_lora(job.module, job.requests, job.cfg, into, options)
+            return self._finish(job, trained, into, save, phases)
 
     def edit_many(self, groups: Sequence[EditRequest | Sequence[EditRequest]], *,
                   config: dict[str, Any] | Any | None = None, save: bool = True,
@@ -314,34 +315,37 @@ class Editor:
         requests = as_requests(requests)
         check_all_fit(requests, self.tokenizer,
                       getattr(self.model.config, "max_position_embeddings", None))
-        method, auto_why = self._resolve_method(method, len(requests), pairs)
+        method, auto_why = resolve_method(method, len(requests), pairs)
         module = get_method(method)
         cfg = build_config(module.Config, config if config is None or isinstance(config, dict)
                            else dataclasses.asdict(config), overrides, where=method)
         kind = module.kind(cfg)
         inferred = {}
         if kind == "lora" and getattr(cfg, "route", False):  # routed by subject: find missing ones
-            with self.using([]) as base:
+            with self.using([]) as base, phase("subjects"):
                 requests, inferred = with_subjects(base, self.tokenizer, requests)
             for i, subject in inferred.items():
                 log.warning("request %d: no subject given; routed by the inferred %r", i, subject)
         baseline = None
         if evaluate:
-            with self.using([]) as base:
+            with self.using([]) as base, phase("baseline"):
                 baseline = run_evaluation(base, self.tokenizer, requests)
         return EditJob(requests, method, module, cfg, kind, auto_why, inferred, baseline)
 
-    def _finish(self, job: EditJob, trained: Trained, into: Patch | None, save: bool) -> Patch:
-        """Key, score, describe, install and save a trained patch."""
+    def _finish(self, job: EditJob, trained: Trained, into: Patch | None, save: bool,
+                phases: dict[str, float] | None = None) -> Patch:
+        """Key, score, describe, install and save a trained patch (`phases`: the seconds of
+        its phases so far, for the manifest)."""
         facts = sorted({fact_of(r) for r in job.requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
         routing = self._key(trained, job.cfg, facts, job.requests, into)
         edited = None
         if job.baseline is not None:
-            with self.using_names([trained.patch_id]) as model:
+            with self.using_names([trained.patch_id]) as model, phase("scoring"):
                 edited = run_evaluation(model, self.tokenizer, job.requests, job.baseline.reference)
         manifest = edit_manifest(
             job, trained, self.base_info, self.base_params, into, edited, router=routing,
+            phases={k: round(v, 4) for k, v in phases.items()} if phases else None,
             chosen_by=job.auto_why and f"auto: {job.auto_why}",
             subjects_inferred={str(i): v for i, v in job.inferred.items()} or None)
         patch = self._install(trained, manifest, into)
@@ -353,15 +357,6 @@ class Editor:
             log.info("saved patch %s to %s", patch.id, patch.path)
             self.pager.saved(patch)
         return patch
-
-    @staticmethod
-    def _resolve_method(method: str, n_requests: int, pairs: bool) -> tuple[str, str | None]:
-        """The method to train with, and why when `auto` chose it."""
-        if method != AUTO:
-            return method, None
-        method, why = choose_method(n_requests, pairs)
-        log.warning("method auto: chose %s (%s)", method, why)
-        return method, why
 
     def _key(self, trained: Trained, cfg: Any, facts: list[str], requests: list[EditRequest],
              into: Patch | None) -> dict[str, Any] | None:
@@ -409,9 +404,11 @@ class Editor:
             patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
             torch.manual_seed(cfg.seed)
             adapter_cfg = module.adapter_config(self.model, cfg)
-            self.adapters.add(patch_id, adapter_cfg)
+            with phase("adapter"):
+                self.adapters.add(patch_id, adapter_cfg)
         try:
-            keys = self._keys_for(requests, cfg.route_layer) if getattr(cfg, "route", False) else None
+            with phase("keys"):
+                keys = self._keys_for(requests, cfg.route_layer) if getattr(cfg, "route", False) else None
             if into is not None and keys is not None:
                 keys = merge_keys(into.keys, keys)
             self._activate([patch_id], trainable=True)

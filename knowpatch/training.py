@@ -9,11 +9,13 @@ under `accelerate launch` on several processes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,38 @@ class LoopSettings:
     """Called after each optimizer update (e.g. to project weights back into a norm bound)."""
 
 
+# Where an edit's time goes: `clocked()` collects the seconds of every `phase(name)` block run
+# inside it (in this thread or task), by name. Phases do not nest; outside `clocked()` a
+# phase costs one context-variable read.
+_CLOCK: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "knowpatch_clock", default=None)
+
+
+@contextlib.contextmanager
+def clocked() -> Iterator[dict[str, float]]:
+    """A dict that fills with the seconds spent in each `phase` run inside this block."""
+    seconds: dict[str, float] = {}
+    token = _CLOCK.set(seconds)
+    try:
+        yield seconds
+    finally:
+        _CLOCK.reset(token)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Count the block's wall time under `name` in the enclosing `clocked()`, if any."""
+    seconds = _CLOCK.get()
+    if seconds is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def run_loop(
     model: torch.nn.Module,
     params: Iterable[torch.nn.Parameter],
@@ -71,14 +105,8 @@ def run_loop(
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    # One plain process (no mixed precision, nothing distributed): preparing the model does
-    # nothing for it but `verify_device_map`, a walk over every module — every loaded
-    # adapter's too, so its cost grows with the store. Skipped there.
     plain = _plain(accelerator)
-    if plain:
-        prepared, optimizer = model, accelerator.prepare(optimizer)
-    else:
-        prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = _prepare(accelerator, model, optimizer, plain)
     losses: list[float] = []
     start = time.perf_counter()
     learnt = False
@@ -89,7 +117,8 @@ def run_loop(
     try:
         task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
         while True:
-            out = step(prepared)
+            with phase("forward"):  # the step's forward, loss and its learnt check
+                out = step(prepared)
             loss_value, learnt = _agree(accelerator, out.loss.detach(), out.learnt)
             losses.append(loss_value)
             if progress:
@@ -119,13 +148,25 @@ def run_loop(
 def _update(accelerator: Accelerator, optimizer, params, loss: torch.Tensor,
             settings: LoopSettings) -> None:
     """One optimizer update from `loss` (clipped), then the method's `after_step`."""
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    if settings.grad_clip:
-        accelerator.clip_grad_norm_(params, settings.grad_clip)
-    optimizer.step()
-    if settings.after_step is not None:
-        settings.after_step()
+    with phase("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+    with phase("optimizer"):
+        if settings.grad_clip:
+            accelerator.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        if settings.after_step is not None:
+            settings.after_step()
+
+
+def _prepare(accelerator: Accelerator, model, optimizer, plain: bool):
+    """The model and optimizer as the accelerator runs them. One plain process (no mixed
+    precision, nothing distributed): preparing the model does nothing for it but
+    `verify_device_map`, a walk over every module — every loaded adapter's too, so its cost
+    grows with the store. Skipped there."""
+    if plain:
+        return model, accelerator.prepare(optimizer)
+    return accelerator.prepare(model, optimizer)
 
 
 def peak_rss_mb() -> float:

@@ -38,6 +38,11 @@ def test_single_mode_report(tiny_editor, tmp_path):
     assert report["summary"]["fluency"] is not None  # record 0 is measured (every 2nd)
     assert rows[0]["scores"]["fluency"] is not None and rows[1]["scores"]["fluency"] is None
     assert report["environment"]["fingerprint"] == tiny_editor.fingerprint
+    phases = report["summary"]["phases_median"]
+    assert {"keys", "forward", "backward", "optimizer"} <= set(phases)
+    forwards = [r["phases"]["forward"] for r in rows]
+    assert phases["forward"] == pytest.approx(sum(forwards) / 2, abs=1e-4)  # median of two
+    assert "Where an edit's time goes" in (tmp_path / "report.md").read_text()
     assert "summary_immediate" not in report
     assert (tmp_path / "report.md").read_text().splitlines()[2].startswith("| unedited")
     assert (tmp_path / "report.png").stat().st_size > 0

@@ -69,6 +69,12 @@ def test_manifest_records_what_was_done(tiny_editor):
     assert set(manifest["scores"]) >= {"rel", "gen", "loc", "es", "ps", "ns", "rel_tf"}
     assert (patch.path / "adapter_model.safetensors").is_file()
     assert (patch.path / "adapter_config.json").is_file()
+    # where the time went: one forward per step and one after the last, one backward and
+    # optimizer update per step, inside the training seconds; keys, baseline and scoring too
+    phases = manifest["phases"]
+    assert {"keys", "baseline", "scoring", "forward", "backward", "optimizer"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert phases["forward"] + phases["backward"] + phases["optimizer"] <= manifest["seconds"]
 
 
 def test_several_requests_in_one_patch(tiny_editor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
@@ -9,6 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import KnowpatchError
 from ..training import LoopResult
 from . import dpo, ft_m, full_sft, lora_sft
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -57,6 +60,15 @@ AUTO = "auto"
 AUTO_FULL_SFT_FROM = 100
 """`method="auto"` trains full SFT from this many facts in one patch on (LoRA's small adapter
 is the better fit below it: fast, small, routable; large batches need the capacity)."""
+
+
+def resolve_method(method: str, n_requests: int, pairs: bool) -> tuple[str, str | None]:
+    """The method to train with, and why when `auto` chose it (None: it was named)."""
+    if method != AUTO:
+        return method, None
+    method, why = choose_method(n_requests, pairs)
+    log.warning("method auto: chose %s (%s)", method, why)
+    return method, why
 
 
 def choose_method(n_requests: int, preferences: bool = False) -> tuple[str, str]:

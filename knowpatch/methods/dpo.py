@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..requests import EditRequest, encode_completion
-from ..training import LoopResult, LoopSettings, StepOutput, run_loop
+from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
 from . import full_sft
 from .common import (
     IGNORE,
@@ -207,7 +207,7 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     if len(requests) < world:
         raise ValueError(f"{world} processes need at least {world} requests or pairs")
     pad = tokenizer.pad_token_id
-    with torch.no_grad(), base() as base_model:
+    with torch.no_grad(), base() as base_model, phase("prepare"):
         rejected = rejected_answers(base_model, tokenizer, requests)
         prefixes = () if pairs else training_prefixes(base_model, tokenizer, config)
     record = rejected
@@ -228,7 +228,7 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     where = predicted(batch["labels"])  # every read position is a labelled one
     rows, targets, n_rows = where.nonzero()[:, 0], next_labels(batch["labels"])[where], len(where)
     chosen = rows < n
-    with torch.no_grad(), base() as base_model:
+    with torch.no_grad(), base() as base_model, phase("prepare"):
         ref = row_logprobs(logits_at(base_model, batch, where), targets, rows, n_rows)
 
     def step(model) -> StepOutput:

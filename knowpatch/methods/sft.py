@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..training import LoopResult, LoopSettings, StepOutput, run_loop
+from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
 from .common import (
     IGNORE,
     Example,
@@ -74,10 +74,12 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                          f"(got {min(map(len, chunks))})")
     prefixes: tuple[str, ...] = ()
     if config.prefixes:
-        with torch.no_grad(), base() as base_model:
+        with torch.no_grad(), base() as base_model, phase("prefixes"):
             prefixes = training_prefixes(base_model, tokenizer, config)
-    prepared = [prepare_chunk(tokenizer, c[rank::world], config, prefixes, base, gate is not None,
-                              next(model.parameters()).device) for c in chunks]
+    with phase("prepare"):
+        prepared = [prepare_chunk(tokenizer, c[rank::world], config, prefixes, base,
+                                  gate is not None, next(model.parameters()).device)
+                    for c in chunks]
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
