@@ -236,7 +236,8 @@ def training_prefixes(base_model, tokenizer, config) -> tuple[str, ...]:
     if not config.prefixes:
         return ()
     if config.prefix_source == "model":
-        return sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed)
+        return sampled_prefixes(base_model, tokenizer, config.prefixes, seed=config.seed,
+                                length=getattr(config, "prefix_tokens", 10))
     return PREFIXES[:config.prefixes]
 
 

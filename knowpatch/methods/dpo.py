@@ -80,6 +80,8 @@ class Config:
     """Also train each pair after this many prefixes (fact edits)."""
     prefix_source: str = "model"
     """fixed or model (sampled from the base model, seeded)."""
+    prefix_tokens: int = 10
+    """Length of each sampled prefix, in tokens (prefix_source=model)."""
     norm_bound: float | None = None
     """train=full: keep every trained weight within ±norm_bound of its original."""
     delta_dtype: str = "float32"
@@ -114,6 +116,8 @@ class Config:
             raise ValueError(f"norm_bound must be > 0 (or null for none), got {self.norm_bound}")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
+        if self.prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be ≥ 1, got {self.prefix_tokens}")
         if not self.modules:
             raise ValueError("modules must name at least one role or module")
 

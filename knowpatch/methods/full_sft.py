@@ -55,6 +55,8 @@ class Config:
     """Also train the target after this many prefixes (helps paraphrases)."""
     prefix_source: str = "model"
     """fixed (neutral sentences) or model (sampled from the base model, seeded)."""
+    prefix_tokens: int = 10
+    """Length of each sampled prefix, in tokens (prefix_source=model)."""
     anchor_weight: float = 5.0
     """Weight of KL(base ‖ edited) on the edit prompt with other subjects (0: off)."""
     anchors: int = 8
@@ -85,6 +87,8 @@ class Config:
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
         if self.delta_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"delta_dtype must be float32 or bfloat16, got {self.delta_dtype!r}")
+        if self.prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be ≥ 1, got {self.prefix_tokens}")
         if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight) < 0:
             raise ValueError("prefixes, anchors, anchor_weight and spill_weight must be ≥ 0")
 

@@ -49,6 +49,8 @@ class Config:
     prefix_source: str = "model"
     """Where prefixes come from: fixed (neutral sentences) or model (sampled from the base
     model once per edit, seeded: ROME's context templates)."""
+    prefix_tokens: int = 10
+    """Length of each sampled prefix, in tokens (prefix_source=model)."""
     anchor_weight: float = 0.0
     """Weight of KL(base ‖ edited) on the edit prompt with other subjects (0: off). Off by
     default because routing keeps neighbours on the base model; with route=false, 5 holds
@@ -112,6 +114,8 @@ class Config:
             raise ValueError(f"gate: {self.gate} needs route: true (the router finds the query)")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
+        if self.prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be ≥ 1, got {self.prefix_tokens}")
         if min(self.prefixes, self.anchors, self.anchor_weight, self.spill_weight,
                self.keep_weight) < 0:
             raise ValueError("prefixes, anchors, anchor_weight, spill_weight and keep_weight "
