@@ -33,7 +33,6 @@ from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
 from . import full_sft
 from .common import (
-    IGNORE,
     Example,
     collate,
     logits_at,
@@ -148,13 +147,11 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
 
 
 def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-prob of the labelled (completion) tokens of each row; `logits[:, t]`
-    predicts `labels[:, t + 1]`, IGNORE elsewhere."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
-    return (logp.squeeze(-1) * mask).sum(-1)
+    """Summed log-prob of the labelled (completion) tokens of each row, from full logits;
+    `logits[:, t]` predicts `labels[:, t + 1]`, IGNORE elsewhere."""
+    where = predicted(labels)
+    return row_logprobs(logits[where], next_labels(labels)[where], where.nonzero()[:, 0],
+                        len(labels))
 
 
 def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
