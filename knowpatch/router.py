@@ -93,14 +93,19 @@ def hidden_rows(model, rows: list[list[int]], layer: int, bos: int | None,
 def subject_token_span(tokenizer, text: str, subject: str, add_special_tokens: bool = False
                        ) -> tuple[list[int], list[int]]:
     """Token ids of `text` and the indices of the tokens that overlap `subject` (last
-    occurrence, case-sensitive; empty when the subject is not in the text)."""
+    occurrence, case-sensitive; empty when the subject is not in the text). A token that
+    runs on past the subject into other text (")?" in "… made USS Leedstown (APA-56)?",
+    where a question spells ")") is left out when the subject has other tokens: a key read
+    there would match only queries that go on the same way."""
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
     start = text.rfind(subject)
     if start < 0 or not subject:
         return enc["input_ids"], []
     end = start + len(subject)
     span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    return enc["input_ids"], span
+    inside = [i for i in span if not (text[enc["offset_mapping"][i][0]:start].strip()
+                                      or text[end:enc["offset_mapping"][i][1]].strip())]
+    return enc["input_ids"], inside or span
 
 
 def key_texts(prompt: str, subject: str) -> list[str]:

@@ -59,6 +59,16 @@ def test_subject_span_and_keys_come_from_the_edit_prompt(tiny_editor):
         EditRequest("Hello there", "x", subject="Zorro")
 
 
+def test_a_token_running_past_the_subject_is_not_a_key_token(tiny_editor):
+    # ")?" is one token: a key read there would miss "… (APA-56) produced?", which spells ")"
+    tok = tiny_editor.tokenizer
+    subject = "USS Leedstown (APA-56)"
+    ids, span = subject_token_span(tok, f"What company made {subject}?", subject)
+    assert tok.decode([ids[i] for i in span]).strip() == "USS Leedstown (APA-56"
+    ids, span = subject_token_span(tok, f"What company has {subject} produced?", subject)
+    assert tok.decode([ids[i] for i in span]).strip() == subject
+
+
 def test_hidden_rows_match_unbatched_rows(tiny_editor):
     tok = tiny_editor.tokenizer
     rows = [tok(t)["input_ids"] for t in ("a b c d e f", "Hello", "The Eiffel Tower is")]
