@@ -96,7 +96,8 @@ def subject_token_span(tokenizer, text: str, subject: str, add_special_tokens: b
     occurrence, case-sensitive; empty when the subject is not in the text). A token that
     runs on past the subject into other text (")?" in "… made USS Leedstown (APA-56)?",
     where a question spells ")") is left out when the subject has other tokens: a key read
-    there would match only queries that go on the same way."""
+    there would match only queries that go on the same way; so are punctuation tokens at
+    the subject's ends (its ")", which another query may spell ")?")."""
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
     start = text.rfind(subject)
     if start < 0 or not subject:
@@ -105,7 +106,12 @@ def subject_token_span(tokenizer, text: str, subject: str, add_special_tokens: b
     span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
     inside = [i for i in span if not (text[enc["offset_mapping"][i][0]:start].strip()
                                       or text[end:enc["offset_mapping"][i][1]].strip())]
-    return enc["input_ids"], inside or span
+    inside = inside or span
+    offsets = enc["offset_mapping"]
+    words = [i for i in inside if any(c.isalnum() for c in text[offsets[i][0]:offsets[i][1]])]
+    if words:
+        inside = [i for i in inside if words[0] <= i <= words[-1]]
+    return enc["input_ids"], inside
 
 
 def key_texts(prompt: str, subject: str) -> list[str]:
