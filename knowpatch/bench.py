@@ -30,7 +30,7 @@ from .datasets import Case, load_cases
 from .editor import Editor
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
-from .fluency import fluency_and_texts, repetition
+from .fluency import RowSampler, ngram_entropy, repetition, sample
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
 from .training import peak_rss_mb
@@ -199,13 +199,15 @@ class Bench:
                 requests = [r for c in chunk for r in c.requests]
                 ref = None if refs is None else _join_refs([refs[c.case_id] for c in chunk])
                 ev = evaluate(model, ed.tokenizer, requests, ref)
+                texts = iter(self._samples(model, [c for j, c in enumerate(chunk)
+                                                   if fluency_on[start + j]]))
                 i = 0
                 for j, case in enumerate(chunk):
                     n = len(case.requests)
                     scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
                     scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
                     if fluency_on[start + j]:
-                        scores.update(self._fluency(model, case, baseline=refs is None))
+                        scores.update(self._fluency(case, next(texts), refs is None))
                     else:
                         scores["fluency"] = scores["rep"] = scores["mention"] = None
                     out.append((scores, _slice_ref(ev.reference, i, i + n)))
@@ -214,12 +216,23 @@ class Bench:
                     bar.relabel_count(len(out), len(cases))
         return out
 
-    def _fluency(self, model, case: Case, baseline: bool) -> dict[str, Any]:
-        """fluency, rep and mention on the case's generation prompts, and the first two
-        texts. rep and mention count the new target; for the unedited model, the old answer
-        (the new target where no old answer is given)."""
-        value, texts = fluency_and_texts(model, self.editor.tokenizer, case.generation_prompts,
-                                         self.s.seed)
+    def _samples(self, model, cases: list[Case]) -> list[list[str]]:
+        """Each case's texts sampled from its generation prompts, all in one batched call
+        (each text has its own random stream: the same as sampled case by case)."""
+        prompts = [p for c in cases for p in c.generation_prompts]
+        streams = [g for c in cases for g in RowSampler.streams(c.generation_prompts, self.s.seed)]
+        texts = sample(model, self.editor.tokenizer, prompts, streams=streams) if prompts else []
+        out, i = [], 0
+        for c in cases:
+            out.append(texts[i:i + len(c.generation_prompts)])
+            i += len(c.generation_prompts)
+        return out
+
+    def _fluency(self, case: Case, texts: list[str], baseline: bool) -> dict[str, Any]:
+        """fluency, rep and mention of the texts sampled from the case's generation prompts,
+        and the first two texts. rep and mention count the new target; for the unedited
+        model, the old answer (the new target where no old answer is given)."""
+        value = sum(ngram_entropy(t) for t in texts) / len(texts) if texts else None
         answers = [(r.ground_truth or r.target_new) if baseline else r.target_new
                    for r in case.requests]
         return {"fluency": value, "rep": repetition(texts, answers),

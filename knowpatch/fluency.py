@@ -6,6 +6,7 @@ n = 2 and 3, entropies in bits, averaged (arithmetic) over the texts.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -27,29 +28,64 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3),
     return sum(values) / len(values)
 
 
+class RowSampler:
+    """Top-k sampling (temperature 1) with one random stream per row, seeded by the seed, the
+    row's prompt and how often that prompt came before it in the list: a text depends on the
+    model, its prompt and the seed only, not on which prompts share its batch or in what
+    order. transformers' sampling draws every row from one global stream, so batching more
+    prompts together (the unedited texts of many records at once) would change every text,
+    and a prompt an edit does not touch would no longer give the unedited text. Written
+    here as a logits processor: it leaves only the drawn token, which greedy decoding
+    then takes."""
+
+    def __init__(self, generators: list[torch.Generator], top_k: int):
+        self.generators, self.top_k = generators, top_k
+
+    @staticmethod
+    def streams(prompts: list[str], seed: int) -> list[torch.Generator]:
+        seen: Counter[str] = Counter()
+        out = []
+        for prompt in prompts:
+            digest = hashlib.sha256(f"{seed}\0{seen[prompt]}\0{prompt}".encode()).digest()
+            seen[prompt] += 1
+            out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+        return out
+
+    def __call__(self, _input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.float().topk(self.top_k, dim=-1)
+        probs = torch.softmax(top.values, dim=-1).cpu()
+        drawn = torch.stack([torch.multinomial(p, 1, generator=g)
+                             for p, g in zip(probs, self.generators)]).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, top.indices.gather(-1, drawn), 0.0)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, top_k: int = 5,
-           seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Top-k samples (fixed seed) of `max_new_tokens` tokens, batched with left padding."""
+           seed: int = 0, batch_size: int = 16,
+           streams: list[torch.Generator] | None = None) -> list[str]:
+    """Top-k samples of `max_new_tokens` tokens, batched with left padding; each text drawn
+    from its own seeded stream (`RowSampler.streams(prompts, seed)` unless given), so the
+    batching does not change it."""
+    from transformers import LogitsProcessorList
+
     from .evaluate import left_padded, prompt_ids
 
+    streams = RowSampler.streams(prompts, seed) if streams is None else streams
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
     out: list[str] = []
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start: start + batch_size]
-            ids, mask = left_padded(chunk, tokenizer.pad_token_id)
-            width = ids.shape[1]
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 do_sample=True, top_k=top_k, top_p=None, temperature=1.0,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start: start + batch_size]
+        rows = RowSampler(streams[start: start + batch_size], top_k)
+        ids, mask = left_padded(chunk, tokenizer.pad_token_id)
+        width = ids.shape[1]
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             do_sample=False, top_k=None, top_p=None, temperature=None,
+                             logits_processor=LogitsProcessorList([rows]),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     return out
 
 

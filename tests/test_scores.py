@@ -61,3 +61,19 @@ def test_scores_follow_the_model_outputs(tiny_editor):
     # a target the model does not produce scores 0 on rel
     req2 = EditRequest(prompt, other + "zz", rephrase_prompts=[para])
     assert evaluate(model, tok, [req2]).records[0]["rel"] == 0.0
+
+
+def test_sampled_text_depends_on_its_prompt_and_seed_not_on_its_batch(tiny_editor):
+    from knowpatch.fluency import sample
+
+    m, tok = tiny_editor.model, tiny_editor.tokenizer
+    prompts = ["The Eiffel Tower is", "Angola's surroundings include a long", "Hi"]
+    alone = [sample(m, tok, [p], max_new_tokens=12)[0] for p in prompts]
+    together = sample(m, tok, prompts, max_new_tokens=12)
+    reordered = sample(m, tok, prompts[::-1], max_new_tokens=12, batch_size=2)[::-1]
+    assert together == alone == reordered
+    assert all(len(tok(t)["input_ids"]) >= 10 for t in together)  # sampled text, not empty
+    # a prompt twice in one list: two draws; another seed: other texts
+    twice = sample(m, tok, [prompts[0], prompts[0]], max_new_tokens=12)
+    assert twice[0] == alone[0] and twice[1] != twice[0]
+    assert sample(m, tok, prompts, max_new_tokens=12, seed=1) != together
