@@ -62,30 +62,41 @@ class RowSampler:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, top_k: int = 5,
-           seed: int = 0, batch_size: int = 16,
-           streams: list[torch.Generator] | None = None) -> list[str]:
+           seed: int = 0, batch_size: int = 16, streams: list[torch.Generator] | None = None,
+           one_stream: bool = False) -> list[str]:
     """Top-k samples of `max_new_tokens` tokens, batched with left padding; each text drawn
     from its own seeded stream (`RowSampler.streams(prompts, seed)` unless given), so the
-    batching does not change it."""
+    batching does not change it. `one_stream`: transformers' own sampling from torch's
+    global generator, seeded once for the call (then restored) — the training prefixes are
+    drawn this way, as they were before the per-text streams, so an edit trains on the same
+    prefixes as every measured run."""
     from transformers import LogitsProcessorList
 
     from .evaluate import left_padded, prompt_ids
 
-    streams = RowSampler.streams(prompts, seed) if streams is None else streams
+    if not one_stream:
+        streams = RowSampler.streams(prompts, seed) if streams is None else streams
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
     out: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
-        rows = RowSampler(streams[start: start + batch_size], top_k)
-        ids, mask = left_padded(chunk, tokenizer.pad_token_id)
-        width = ids.shape[1]
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             do_sample=False, top_k=None, top_p=None, temperature=None,
-                             logits_processor=LogitsProcessorList([rows]),
-                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start: start + batch_size]
+            ids, mask = left_padded(chunk, tokenizer.pad_token_id)
+            if one_stream:
+                how: dict = dict(do_sample=True, top_k=top_k, top_p=None, temperature=1.0)
+            else:
+                rows = RowSampler(streams[start: start + batch_size], top_k)
+                how = dict(do_sample=False, top_k=None, top_p=None, temperature=None,
+                           logits_processor=LogitsProcessorList([rows]))
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **how)
+            out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        torch.random.set_rng_state(generator_state)
     return out
 
 

@@ -122,3 +122,13 @@ def test_behaviour_edit_moves_heldout_preference_accuracy_up(smol_editor):
         assert report["margin_after"] > report["margin_before"]
     finally:
         smol_editor.remove(patch)
+
+
+def test_training_prefixes_are_the_measured_ones(smol_editor):
+    # Every measured run trained on these prefixes (transformers' sampling, torch's global
+    # generator seeded once); a change to the fluency sampler must not change them.
+    from knowpatch.methods.common import sampled_prefixes
+
+    assert sampled_prefixes(smol_editor.model, smol_editor.tokenizer, 4, 0, 5) == (
+        "The-the-key-. ", "Therefore-based approaches have been. ",
+        "Because-based approach to data. ", "I-1012. ")

@@ -66,7 +66,7 @@ def sampled_prefixes(model, tokenizer, count: int, seed: int = 0, length: int = 
     if key in _PREFIX_CACHE:
         return _PREFIX_CACHE[key]
     starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(count)]
-    texts = sample(model, tokenizer, starts, max_new_tokens=length, seed=seed)
+    texts = sample(model, tokenizer, starts, max_new_tokens=length, seed=seed, one_stream=True)
     out = tuple((s + t).replace("\n", " ").strip() + ". " for s, t in zip(starts, texts))
     _PREFIX_CACHE[key] = out
     return out
