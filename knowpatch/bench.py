@@ -30,7 +30,7 @@ from .datasets import Case, load_cases
 from .editor import Editor
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
-from .fluency import RowSampler, ngram_entropy, repetition, sample
+from .fluency import RowSampler, mean_fluency, repetition, sample
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
 from .training import peak_rss_mb
@@ -232,10 +232,9 @@ class Bench:
         """fluency, rep and mention of the texts sampled from the case's generation prompts,
         and the first two texts. rep and mention count the new target; for the unedited
         model, the old answer (the new target where no old answer is given)."""
-        value = sum(ngram_entropy(t) for t in texts) / len(texts) if texts else None
         answers = [(r.ground_truth or r.target_new) if baseline else r.target_new
                    for r in case.requests]
-        return {"fluency": value, "rep": repetition(texts, answers),
+        return {"fluency": mean_fluency(texts), "rep": repetition(texts, answers),
                 "mention": repetition(texts, answers, times=1),
                 "fluency_texts": [t[:400] for t in texts[:2]]}
 

@@ -80,7 +80,8 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, t
     device = next(model.parameters()).device
     out: list[str] = []
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    if one_stream:
+        torch.manual_seed(seed)
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start: start + batch_size]
@@ -112,14 +113,11 @@ def repetition(texts: list[str], answers: list[str], times: int = 3) -> float | 
                        for t in texts) / len(texts)
 
 
+def mean_fluency(texts: list[str]) -> float | None:
+    """ROME's fluency of sampled texts: their mean n-gram entropy (None for no texts)."""
+    return sum(ngram_entropy(t) for t in texts) / len(texts) if texts else None
+
+
 def fluency(model, tokenizer, prompts: list[str], seed: int = 0) -> float | None:
-    return fluency_and_texts(model, tokenizer, prompts, seed)[0]
-
-
-def fluency_and_texts(model, tokenizer, prompts: list[str], seed: int = 0
-                      ) -> tuple[float | None, list[str]]:
-    """ROME's fluency of `prompts`' samples, and the sampled texts."""
-    if not prompts:
-        return None, []
-    texts = sample(model, tokenizer, prompts, seed=seed)
-    return sum(ngram_entropy(t) for t in texts) / len(texts), texts
+    """ROME's fluency of `prompts`' samples."""
+    return mean_fluency(sample(model, tokenizer, prompts, seed=seed)) if prompts else None

@@ -103,15 +103,12 @@ def subject_token_span(tokenizer, text: str, subject: str, add_special_tokens: b
     if start < 0 or not subject:
         return enc["input_ids"], []
     end = start + len(subject)
-    span = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    inside = [i for i in span if not (text[enc["offset_mapping"][i][0]:start].strip()
-                                      or text[end:enc["offset_mapping"][i][1]].strip())]
-    inside = inside or span
     offsets = enc["offset_mapping"]
+    span = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    inside = [i for i in span if not (text[offsets[i][0]:start].strip()
+                                      or text[end:offsets[i][1]].strip())] or span
     words = [i for i in inside if any(c.isalnum() for c in text[offsets[i][0]:offsets[i][1]])]
-    if words:
-        inside = [i for i in inside if words[0] <= i <= words[-1]]
-    return enc["input_ids"], inside
+    return enc["input_ids"], [i for i in inside if words[0] <= i <= words[-1]] if words else inside
 
 
 def key_texts(prompt: str, subject: str) -> list[str]:

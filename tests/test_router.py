@@ -63,8 +63,7 @@ def test_a_token_running_past_the_subject_is_not_a_key_token(tiny_editor):
     # ")?" is one token: a key read there would miss "… (APA-56) produced?", which spells ")"
     tok = tiny_editor.tokenizer
     subject = "USS Leedstown (APA-56)"
-    ids, span = subject_token_span(tok, f"What company made {subject}?", subject)
-    # nor is a punctuation token at the subject's end (")" here, ")?" in the question above)
+    # nor is a punctuation token at the subject's end (")" in one question, ")?" in the other)
     for text in (f"What company made {subject}?", f"What company has {subject} produced?"):
         ids, span = subject_token_span(tok, text, subject)
         assert tok.decode([ids[i] for i in span]).strip() == "USS Leedstown (APA-56"
