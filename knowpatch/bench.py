@@ -280,23 +280,20 @@ class Bench:
         return report
 
     def _group(self, group: list[Case], index: int) -> list[dict[str, Any]]:
-        """Edit `group` in one patch (single: a group of one), score each case, remove."""
-        refs, base_scores = [], []
-        for i, case in enumerate(group):
-            fl = bool(self.s.fluency_every) and (index + i) % self.s.fluency_every == 0
-            scores, ref = self.score_case(case, None, [], fl)
-            refs.append(ref)
-            base_scores.append(scores)
-        requests = [r for c in group for r in c.requests]
-        patch, seconds = self.edit_records(requests)
-        rows = []
+        """Edit `group` in one patch (single: a group of one), score each case, remove. The
+        cases are scored SCORE_CHUNK at a time, before and after (batch mode: a large group
+        scored case by case took most of the run)."""
+        flags = [bool(self.s.fluency_every) and (index + i) % self.s.fluency_every == 0
+                 for i in range(len(group))]
+        before = self.score_cases(group, None, [], flags)
+        refs = {c.case_id: ref for c, (_, ref) in zip(group, before)}
+        patch, seconds = self.edit_records([r for c in group for r in c.requests])
         try:
-            for i, case in enumerate(group):
-                t0 = time.perf_counter()
-                fl = base_scores[i]["fluency"] is not None
-                scores, _ = self.score_case(case, refs[i], [patch], fl)
-                rows.append(self._row(case, scores, base_scores[i], patch, seconds,
-                                      time.perf_counter() - t0, group_size=len(group)))
+            t0 = time.perf_counter()
+            after = self.score_cases(group, refs, [patch], flags)
+            share = (time.perf_counter() - t0) / len(group)
+            rows = [self._row(case, scores, base, patch, seconds, share, group_size=len(group))
+                    for case, (scores, _), (base, _) in zip(group, after, before)]
             if self.keep:
                 patch.save(self.out / "patches" / patch.id)
         finally:
