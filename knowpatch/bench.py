@@ -364,7 +364,7 @@ class Bench:
             "target_new": case.requests[0].target_new, "scores": scores, "baseline": baseline,
             "steps": patch.steps, "learnt": patch.manifest.get("learnt"),
             "edit_seconds": round(seconds / group_size, 4), "eval_seconds": round(eval_seconds, 4),
-            "group_size": group_size, "patch_id": patch.id,
+            "group_size": group_size, "patch_id": patch.id, "patch_bytes": patch.nbytes,
             "phases": patch.manifest.get("phases"),
         }
 
@@ -381,7 +381,7 @@ class Bench:
             "s_per_edit_p90": _round(_quantile(edit_s, 0.9)) if edit_s else None,
             "steps_median": statistics.median([r["steps"] for r in rows]) if rows else None,
             "eval_s_per_record": _round(statistics.mean([r["eval_seconds"] for r in rows])) if rows else None,
-            "peak_rss_mb": peak_rss_mb(), "n": len(rows),
+            "peak_rss_mb": peak_rss_mb(), "n": len(rows), **patch_sizes(rows),
             "phases_median": phase_medians(rows),
         })
         report = {
@@ -500,6 +500,16 @@ TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_
               "loc_tf", "fluency", "rep", "mention", "multihop")
 
 
+def patch_sizes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """What the run's patches hold (MB; each patch counted once, shared and batch patches
+    too): in all, and per edited record."""
+    sizes = {r["patch_id"]: r["patch_bytes"] for r in rows if r.get("patch_bytes") is not None}
+    if not sizes:
+        return {"patches_mb": None, "patch_mb_per_record": None}
+    total = sum(sizes.values()) / 1e6
+    return {"patches_mb": _round(total, 3), "patch_mb_per_record": _round(total / len(rows), 4)}
+
+
 def phase_medians(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     """Per phase of an edit (training.phase: keys, prefixes, forward, backward, ...), the
     median over the records of its seconds per edit (0 where a record's edit skipped it)."""
@@ -522,7 +532,7 @@ def phase_line(summary: dict[str, Any]) -> str:
 
 def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
     """One table: the baseline (of the first run) first, then each run's summary."""
-    cols = ["run", *TABLE_KEYS, "s/edit", "steps/edit", "peak MB", "n"]
+    cols = ["run", *TABLE_KEYS, "s/edit", "steps/edit", "peak MB", "patches MB", "n"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def cell(v: Any) -> str:
@@ -531,14 +541,15 @@ def markdown(runs: list[tuple[str, dict[str, Any]]]) -> str:
     if runs:
         base = runs[0][1]["baseline"]
         lines.append("| unedited | " + " | ".join(cell(base.get(k)) for k in TABLE_KEYS)
-                     + " | – | – | – | " + cell(runs[0][1]["summary"].get("n")) + " |")
+                     + " | – | – | – | – | " + cell(runs[0][1]["summary"].get("n")) + " |")
     for name, rep in runs:
         s = rep["summary"]
         c = rep["config"]
         label = f"{name} ({c['method']}, {c['mode']})"
         lines.append(f"| {label} | " + " | ".join(cell(s.get(k)) for k in TABLE_KEYS) + " | "
                      + " | ".join(cell(s.get(k)) for k in ("s_per_edit_median", "steps_median",
-                                                            "peak_rss_mb", "n")) + " |")
+                                                            "peak_rss_mb", "patches_mb", "n"))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,12 @@ class Patch:
     def seconds(self) -> float | None:
         return self.manifest.get("seconds")
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors (weights and router keys): about its size on disk."""
+        tensors = [*self.weights.values(), *(self.keys or {}).values()]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the patch as `folder` (atomically: temp folder, then rename)."""
         from safetensors.torch import save_file

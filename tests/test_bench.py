@@ -51,11 +51,16 @@ def test_single_mode_report(tiny_editor, tmp_path):
 
 
 def test_batch_mode_puts_k_cases_in_one_patch(tiny_editor, tmp_path):
-    _bench(tiny_editor, tmp_path, mode="batch", batch_size=2, n=3).run()
+    report = _bench(tiny_editor, tmp_path, mode="batch", batch_size=2, n=3).run()
     rows = _rows(tmp_path)
     assert len(rows) == 3
     assert rows[0]["patch_id"] == rows[1]["patch_id"] != rows[2]["patch_id"]
     assert rows[0]["group_size"] == 2 and rows[2]["group_size"] == 1
+    # two patches, each counted once in the run's size on disk
+    assert rows[0]["patch_bytes"] > 0
+    total = (rows[0]["patch_bytes"] + rows[2]["patch_bytes"]) / 1e6
+    assert report["summary"]["patches_mb"] == round(total, 3)
+    assert "patches MB" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("strategy", ["stack", "shared"])
