@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .baselines import BaselineCache
 from .datasets import Case, load_cases
 from .editor import Editor
 from .errors import KnowpatchError
@@ -121,8 +122,10 @@ def multihop_correct(model, tokenizer, probes: list[PortabilityProbe]) -> float 
 
 class Bench:
     def __init__(self, editor: Editor, settings: BenchSettings, out: str | Path,
-                 keep_patches: bool = False, progress: bool = True):
+                 keep_patches: bool = False, progress: bool = True,
+                 baselines: BaselineCache | None = None):
         self.editor = editor
+        self.baselines = baselines  # None: the unedited model is scored afresh
         self.s = settings
         self.out = Path(out)
         self.keep = keep_patches or settings.mode == "sequential"
@@ -191,29 +194,41 @@ class Bench:
         always cut the same way from `cases`, so the baseline and the final scoring run every
         prompt in the same batch (with routing, a row no patch fires on then gives the base
         model's outputs bit for bit)."""
-        ed = self.editor
         out: list[tuple[dict[str, Any], Reference]] = []
-        with ed.using(patches) as model:
+        cache = self.baselines if refs is None and patches == [] else None
+        with self.editor.using(patches) as model:
             for start in range(0, len(cases), SCORE_CHUNK):
                 chunk = cases[start:start + SCORE_CHUNK]
-                requests = [r for c in chunk for r in c.requests]
-                ref = None if refs is None else _join_refs([refs[c.case_id] for c in chunk])
-                ev = evaluate(model, ed.tokenizer, requests, ref)
-                texts = iter(self._samples(model, [c for j, c in enumerate(chunk)
-                                                   if fluency_on[start + j]]))
-                i = 0
-                for j, case in enumerate(chunk):
-                    n = len(case.requests)
-                    scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
-                    scores["multihop"] = multihop_correct(model, ed.tokenizer, case.multihop)
-                    if fluency_on[start + j]:
-                        scores.update(self._fluency(case, next(texts), refs is None))
-                    else:
-                        scores["fluency"] = scores["rep"] = scores["mention"] = None
-                    out.append((scores, _slice_ref(ev.reference, i, i + n)))
-                    i += n
+                flags = fluency_on[start:start + len(chunk)]
+                scored = cache.get(chunk, flags) if cache is not None else None
+                if scored is None:
+                    scored = self._score_chunk(model, chunk, refs, flags)
+                    if cache is not None:
+                        cache.put(chunk, flags, scored)
+                out.extend(scored)
                 if bar is not None:
                     bar.relabel_count(len(out), len(cases))
+        return out
+
+    def _score_chunk(self, model, chunk: list[Case], refs: dict[str, Reference] | None,
+                     flags: list[bool]) -> list[tuple[dict[str, Any], Reference]]:
+        """Each case's scores and reference, the chunk's prompts evaluated together."""
+        tokenizer = self.editor.tokenizer
+        requests = [r for c in chunk for r in c.requests]
+        ref = None if refs is None else _join_refs([refs[c.case_id] for c in chunk])
+        ev = evaluate(model, tokenizer, requests, ref)
+        texts = iter(self._samples(model, [c for c, f in zip(chunk, flags) if f]))
+        out, i = [], 0
+        for case, fluency_on in zip(chunk, flags):
+            n = len(case.requests)
+            scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
+            scores["multihop"] = multihop_correct(model, tokenizer, case.multihop)
+            if fluency_on:
+                scores.update(self._fluency(case, next(texts), refs is None))
+            else:
+                scores["fluency"] = scores["rep"] = scores["mention"] = None
+            out.append((scores, _slice_ref(ev.reference, i, i + n)))
+            i += n
         return out
 
     def _samples(self, model, cases: list[Case]) -> list[list[str]]:
@@ -390,6 +405,8 @@ class Bench:
             "baseline": summarize_rows([r["baseline"] for r in rows]),
             "summary": summary,
             "notes": NOTES,
+            "baseline_cache": None if self.baselines is None else {
+                "folder": str(self.baselines.folder), "chunks_reused": self.baselines.hits},
         }
         if sequential:
             immediate = [r["scores"] for r in rows if r["scores"]]

@@ -486,6 +486,10 @@ def bench(
                                  "save and score each as if trained alone."),
     keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
                                       "in OUT/patches."),
+    fresh_baseline: bool = typer.Option(False, "--fresh-baseline", help="Score the unedited "
+                                        "model afresh instead of reusing the scores an earlier "
+                                        "run stored for the same cases, model, seed and code "
+                                        "(in $KNOWPATCH_HOME/baselines)."),
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -498,12 +502,13 @@ def bench(
     _setup_logging(verbose)
     _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
          fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every,
-         resident, parallel)
+         resident, parallel, fresh_baseline)
 
 
 def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
            fluency_every, seed, keep_patches, config, model, device, dtype, overrides,
-           score_every=1, resident=None, parallel=1) -> None:
+           score_every=1, resident=None, parallel=1, fresh_baseline=False) -> None:
+    from .baselines import BaselineCache
     from .bench import Bench, BenchSettings, markdown
     from .config import build_config
     from .methods import get_method
@@ -519,7 +524,8 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
                              fluency_every=fluency_every, seed=seed, method_config=values,
                              score_every=score_every, parallel=parallel)
     editor = _editor(model, device, dtype, None, resident)
-    report = Bench(editor, settings, out_dir, keep_patches=keep_patches).run()
+    cache = None if fresh_baseline else BaselineCache(editor, seed)
+    report = Bench(editor, settings, out_dir, keep_patches=keep_patches, baselines=cache).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)
     out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 

@@ -118,7 +118,8 @@ def test_chat_template_wraps_prompts(tiny_editor, tmp_path):
     assert "<|im_start|>" in _rows(tmp_path)[0]["prompt"]
 
 
-def test_cli_bench_and_compare(tiny_dir, tmp_path):
+def test_cli_bench_and_compare(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KNOWPATCH_HOME", str(tmp_path / "home"))
     runner = CliRunner()
     args = ["bench", "--model", str(tiny_dir), "--data", str(FIX / "counterfact.json"), "--n", "1",
             "--fluency-every", "0", "lr=3e-2", "max_steps=5", "anchor_weight=0"]
@@ -126,6 +127,11 @@ def test_cli_bench_and_compare(tiny_dir, tmp_path):
     assert a.exit_code == 0, a.stderr
     b = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "rank=2"])
     assert b.exit_code == 0, b.stderr
+    # the second run reused the unedited model's scores the first one stored
+    ra, rb = (json.loads((tmp_path / x / "report.json").read_text()) for x in "ab")
+    assert ra["baseline_cache"]["chunks_reused"] == 0 and rb["baseline_cache"]["chunks_reused"] == 1
+    assert ra["baseline"] == rb["baseline"]
+    assert [r["baseline"] for r in _rows(tmp_path / "a")] == [r["baseline"] for r in _rows(tmp_path / "b")]
     res = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     lines = res.stdout.splitlines()
     assert lines[2].startswith("| unedited") and lines[3].startswith("| a (") and lines[4].startswith("| b (")
@@ -245,3 +251,29 @@ def test_sequential_side_by_side_edits_score_as_one_at_a_time(tiny_editor, tmp_p
         assert two["summary"][key] == one["summary"][key], key
     with pytest.raises(KnowpatchError, match="parallel"):
         BenchSettings(data="x", parallel=2)  # single mode
+
+
+def test_baseline_cache_returns_what_scoring_gives(tiny_editor, tmp_path):
+    """A stored baseline chunk is what scoring the unedited model computes; another seed or
+    other fluency flags are other entries; a file cut short is scored again."""
+    from knowpatch.baselines import BaselineCache
+    from knowpatch.datasets import load_cases
+
+    cache = BaselineCache(tiny_editor, seed=0, folder=tmp_path / "cache")
+    bench = Bench(tiny_editor, _bench(tiny_editor, tmp_path).s, tmp_path / "run", progress=False,
+                  baselines=cache)
+    cases = load_cases(FIX / "counterfact.json", None, 2)
+    fresh = bench.score_cases(cases, None, [], [True, False])
+    assert cache.hits == 0 and len(list((tmp_path / "cache").iterdir())) == 1
+    again = bench.score_cases(cases, None, [], [True, False])
+    assert cache.hits == 1
+    assert [s for s, _ in again] == [s for s, _ in fresh] and fresh[0][0]["fluency"] is not None
+    assert [r.loc_continuations for _, r in again] == [r.loc_continuations for _, r in fresh]
+    assert cache.get(cases, [False, False]) is None
+    assert BaselineCache(tiny_editor, seed=1, folder=tmp_path / "cache").get(cases, [True, False]) is None
+    for f in (tmp_path / "cache").iterdir():
+        f.write_text(f.read_text()[:10])
+    assert cache.get(cases, [True, False]) is None
+    # edited scoring never reads the cache
+    bench.score_cases(cases, None, None, [True, False])
+    assert cache.hits == 1
