@@ -32,6 +32,7 @@ from .editor import Editor
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS, Reference, evaluate, greedy, harmonic, starts_with, summarize
 from .fluency import RowSampler, mean_fluency, repetition, sample
+from .methods import AUTO, AUTO_PARALLEL
 from .patches import Patch
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, encode_completion
 from .training import peak_rss_mb
@@ -259,10 +260,13 @@ class Bench:
                                  save=False, evaluate=False, into=into)
         return patch, time.perf_counter() - started
 
-    def edit_side_by_side(self, cases: list[Case]) -> dict[str, tuple[Patch, float]]:
-        """Each case's patch, trained side by side, and the wall time's share of each."""
+    def edit_side_by_side(self, cases: list[Case], method: str = "lora-sft",
+                          parallel: int | None = None) -> dict[str, tuple[Patch, float]]:
+        """Each case's patch, trained side by side (`parallel` at a time), and the wall
+        time's share of each."""
         started = time.perf_counter()
-        patches = self.editor.edit_many([c.requests for c in cases], config=self.s.method_config,
+        patches = self.editor.edit_many([c.requests for c in cases], method=method,
+                                        parallel=parallel, config=self.s.method_config,
                                         save=False, evaluate=False)
         share = (time.perf_counter() - started) / len(cases)
         return {c.case_id: (p, share) for c, p in zip(cases, patches)}
@@ -295,24 +299,33 @@ class Bench:
         return report
 
     def _group(self, group: list[Case], index: int) -> list[dict[str, Any]]:
-        """Edit `group` in one patch (single: a group of one), score each case, remove. The
+        """Edit `group` (single: a group of one), score each case, remove. One patch for the
+        group, or with `--method auto` what it chooses (a patch per case, side by side). The
         cases are scored SCORE_CHUNK at a time, before and after (batch mode: a large group
         scored case by case took most of the run)."""
         flags = [bool(self.s.fluency_every) and (index + i) % self.s.fluency_every == 0
                  for i in range(len(group))]
         before = self.score_cases(group, None, [], flags)
         refs = {c.case_id: ref for c, (_, ref) in zip(group, before)}
-        patch, seconds = self.edit_records([r for c in group for r in c.requests])
+        if self.s.method == AUTO and len(group) > 1:
+            edited = self.edit_side_by_side(group, AUTO, AUTO_PARALLEL)
+            own = [edited[c.case_id][0] for c in group]
+            seconds = sum(t for _, t in edited.values())
+        else:
+            patch, seconds = self.edit_records([r for c in group for r in c.requests])
+            own = [patch] * len(group)
+        patches = list({p.id: p for p in own}.values())
         try:
             t0 = time.perf_counter()
-            after = self.score_cases(group, refs, [patch], flags)
+            after = self.score_cases(group, refs, patches, flags)
             share = (time.perf_counter() - t0) / len(group)
-            rows = [self._row(case, scores, base, patch, seconds, share, group_size=len(group))
-                    for case, (scores, _), (base, _) in zip(group, after, before)]
-            if self.keep:
-                patch.save(self.out / "patches" / patch.id)
+            rows = [self._row(case, scores, base, p, seconds, share, group_size=len(group))
+                    for case, (scores, _), (base, _), p in zip(group, after, before, own)]
+            for p in patches if self.keep else []:
+                p.save(self.out / "patches" / p.id)
         finally:
-            self.editor.remove(patch)
+            for p in patches:
+                self.editor.remove(p)
         return rows
 
     def _sequential(self, cases: list[Case], rows: list[dict[str, Any]], bar) -> list[dict[str, Any]]:
@@ -380,7 +393,7 @@ class Bench:
             "steps": patch.steps, "learnt": patch.manifest.get("learnt"),
             "edit_seconds": round(seconds / group_size, 4), "eval_seconds": round(eval_seconds, 4),
             "group_size": group_size, "patch_id": patch.id, "patch_bytes": patch.nbytes,
-            "phases": patch.manifest.get("phases"),
+            "phases": patch.manifest.get("phases"), "chosen_by": patch.manifest.get("chosen_by"),
         }
 
     # ---- report -----------------------------------------------------------------------
@@ -405,6 +418,7 @@ class Bench:
             "baseline": summarize_rows([r["baseline"] for r in rows]),
             "summary": summary,
             "notes": NOTES,
+            "chosen_by": sorted({r["chosen_by"] for r in rows if r.get("chosen_by")}) or None,
             "baseline_cache": None if self.baselines is None else {
                 "folder": str(self.baselines.folder), "chunks_reused": self.baselines.hits},
         }

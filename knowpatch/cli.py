@@ -20,7 +20,7 @@ from rich.table import Table
 from .config import load_yaml, parse_overrides
 from .errors import KnowpatchError
 from .evaluate import SCORE_KEYS
-from .methods import AUTO, AUTO_FULL_SFT_FROM, METHODS
+from .methods import AUTO, AUTO_PARALLEL, METHODS
 from .models import DEFAULT_MODEL
 from .patches import PatchStore
 from .requests import EditRequest, LocalityProbe
@@ -210,7 +210,8 @@ def edit(
     target: str | None = typer.Option(None, "--target", "-t", help="The new answer, as you "
                                       "would write it (Rome); the space before it is added."),
     requests: Path | None = typer.Option(None, "--requests", help="A JSONL file of requests "
-                                         "(docs/data-formats.md), all trained into one patch."),
+                                         "(docs/data-formats.md), all trained into one patch; "
+                                         "with --method auto, a routed patch per fact."),
     preferences: Path | None = typer.Option(None, "--preferences", help="A JSONL file of "
                                             '{"prompt", "chosen", "rejected"} lines: one DPO '
                                             "patch shifting behaviour (e.g. "
@@ -218,9 +219,9 @@ def edit(
     heldout: float = typer.Option(0.2, help="With --preferences: share of the pairs kept out "
                                   "of training to measure preference accuracy before/after."),
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
-                               "auto (LoRA SFT for a few facts, full SFT from "
-                               f"{AUTO_FULL_SFT_FROM} facts in one patch, DPO for preference "
-                               "pairs; it says which and why)."),
+                               "auto (facts: a routed LoRA SFT patch per fact, trained "
+                               f"{AUTO_PARALLEL} side by side; preference pairs: DPO; it says "
+                               "which and why; README \"Many facts at once\")."),
     ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
     subject: str | None = typer.Option(None, help="The subject the fact is about, as the prompt "
                                        "spells it (the router keys the patch by it; found in "
@@ -310,6 +311,9 @@ def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphra
     if method != AUTO:
         build_config(get_method(method).Config, values, where=method)  # fail before loading
     editor = _editor(model, device, dtype, store)
+    if method == AUTO and isinstance(req, list) and len(req) > 1:
+        _edit_facts(editor, req, values, as_json)
+        return
     patch = editor.edit(req, method=method, config=values)
     result = {
         "scores": _json_scores(patch.scores), "baseline": _json_scores(patch.baseline),
@@ -326,6 +330,32 @@ def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphra
     out.print(_scores_table([("unedited", patch.baseline), (method, patch.scores)]))
     out.print(f"edit: {patch.seconds:.2f} s, {patch.steps} steps, peak memory "
               f"{result['peak_rss_mb']:.0f} MB; patch saved to {patch.path}")
+
+
+def _edit_facts(editor, requests, values, as_json: bool) -> None:
+    """`edit --requests F --method auto`: a routed patch per fact, scores averaged."""
+    patches = editor.edit_many([[r] for r in requests], method=AUTO, parallel=AUTO_PARALLEL,
+                               config=values)
+
+    def mean(key: str) -> dict:
+        out = {}
+        for k in SCORE_KEYS:
+            vals = [v for p in patches if (v := getattr(p, key).get(k)) is not None]
+            out[k] = round(sum(vals) / len(vals), 2) if vals else None
+        return out
+
+    result = {"scores": mean("scores"), "baseline": mean("baseline"),
+              "chosen_by": patches[0].manifest.get("chosen_by"),
+              "seconds": round(sum(p.seconds or 0 for p in patches), 2),
+              "patches": [str(p.path) for p in patches]}
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(_scores_table([("unedited", result["baseline"]),
+                             (f"auto: {len(patches)} patches", result["scores"])],
+                            title="scores (%), the mean over the facts' patches"))
+    out.print(f"{result['chosen_by']}\n{len(patches)} patches in {result['seconds']:.1f} s of "
+              f"training, saved to {editor.store.root}")
 
 
 # ---- eval -----------------------------------------------------------------------------

@@ -7,11 +7,9 @@
     editor.remove(patch)                                               # base model again
 
 The base model is loaded once and stays in memory. The editor composes the owners of each
-concern and dispatches on the kind of patch: LoRA patches live in the adapter bank
-(`adapters`), weight-delta patches in the delta bank (`deltas`), router keys in the router
-(`router`), saved patches in the store (`patches`). It holds which patches are loaded and
-applied, and nothing about a call in progress: routing state lives in the `using` block
-that needs it.
+concern: LoRA patches in the adapter bank (`adapters`), weight deltas in the delta bank
+(`deltas`), router keys in the router (`router`), saved patches in the store (`patches`).
+It holds which patches are loaded and applied, nothing about a call in progress.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from .errors import KnowpatchError
 from .evaluate import Evaluation, greedy, prompt_ids
 from .evaluate import evaluate as run_evaluation
 from .jobs import EditJob, Trained, edit_manifest
-from .methods import Method, get_method, resolve_method
+from .methods import AUTO, Method, choose_method, get_method, resolve_method
 from .methods.side_by_side import train_side_by_side
 from .models import DEFAULT_MODEL, fingerprint, knowpatch_home, load_model
 from .paging import Pager
@@ -247,10 +245,8 @@ class Editor:
 
     def evaluate(self, requests: EditRequest | Sequence[EditRequest], *,
                  patches=None) -> tuple[Evaluation, Evaluation]:
-        """Score `requests` with `patches` active, beside the unedited baseline.
-
-        Returns `(edited, baseline)`; `.summary` holds the scores in %.
-        """
+        """Score `requests` with `patches` active beside the unedited baseline: `(edited,
+        baseline)`, `.summary` holding the scores in %."""
         requests = as_requests(requests)
         with self.using([]) as base:
             baseline = run_evaluation(base, self.tokenizer, requests)
@@ -267,8 +263,7 @@ class Editor:
 
         `config` is a method config (or a mapping); `overrides` are its keys, e.g. `lr=1e-3`.
         `into`: keep training that (loaded) patch's adapter on the new requests instead of
-        making a new one — EasyEdit's way of sequential editing, kept for comparison.
-        """
+        making a new one — EasyEdit's way of sequential editing, kept for comparison."""
         options = dict(train_options or {})
         with clocked() as phases:  # the manifest's `phases`: where the edit's time went
             job = self._job(requests, method, config, overrides, evaluate, bool(options.get("pairs")))
@@ -279,14 +274,27 @@ class Editor:
             return self._finish(job, trained, into, save, phases)
 
     def edit_many(self, groups: Sequence[EditRequest | Sequence[EditRequest]], *,
+                  method: str = "lora-sft", parallel: int | None = None,
                   config: dict[str, Any] | Any | None = None, save: bool = True,
                   evaluate: bool = True, **overrides: Any) -> list[Patch]:
-        """LoRA SFT edits trained side by side: a patch per group, all trained in one batched
-        forward/backward (each adapter on its own rows, each stopped once its own target is
-        learnt), then each keyed, scored, saved and applied as `edit` does it alone."""
-        if not groups:
-            return []
+        """LoRA SFT edits trained side by side, `parallel` at a time (None: all): a patch per
+        group, each adapter on its own rows and stopped once its own target is learnt, then
+        each keyed, scored, saved and applied as `edit` does it alone. `method="auto"`: the
+        large-scale path (`methods.choose_method`), recorded as each patch's `chosen_by`."""
+        if method not in ("lora-sft", AUTO):
+            raise KnowpatchError(f"method: edits side by side are LoRA SFT or auto (got {method!r})")
         jobs = [self._job(g, "lora-sft", config, overrides, evaluate, False) for g in groups]
+        if method == AUTO and jobs:
+            why = choose_method(len(jobs), one_patch=False)[1]
+            log.warning("method auto: chose lora-sft (%s)", why)
+            jobs = [dataclasses.replace(j, auto_why=why) for j in jobs]
+        if parallel is not None and parallel < 1:
+            raise KnowpatchError(f"parallel: must be ≥ 1 (got {parallel})")
+        size = parallel or max(len(jobs), 1)
+        return [p for start in range(0, len(jobs), size)
+                for p in self._side_by_side(jobs[start:start + size], save)]
+
+    def _side_by_side(self, jobs: list[EditJob], save: bool) -> list[Patch]:
         names, configs = [], []
         try:
             for job in jobs:
@@ -334,8 +342,7 @@ class Editor:
 
     def _finish(self, job: EditJob, trained: Trained, into: Patch | None, save: bool,
                 phases: dict[str, float] | None = None) -> Patch:
-        """Key, score, describe, install and save a trained patch (`phases`: the seconds of
-        its phases so far, for the manifest)."""
+        """Key, score, describe, install and save a trained patch (`phases`: seconds so far)."""
         facts = sorted({fact_of(r) for r in job.requests} | set(
             ((into.manifest if into is not None else {}).get("router") or {}).get("facts", [])))
         routing = self._key(trained, job.cfg, facts, job.requests, into)
@@ -457,8 +464,7 @@ class Editor:
     def _keys_for(self, requests: list[EditRequest], layer: int) -> dict[str, torch.Tensor] | None:
         """Router keys from the base model (every adapter off)."""
         self._activate([])
-        keys = compute_keys(self.model, self.tokenizer, requests, layer)
-        if keys is None:
+        if (keys := compute_keys(self.model, self.tokenizer, requests, layer)) is None:
             log.warning("no router keys: a request has no subject found in its prompt; the "
                         "patch will be active for every query")
         return keys
@@ -475,9 +481,8 @@ class Editor:
     def edit_preferences(self, pairs: Sequence[EditRequest], *, heldout: float = 0.2,
                          method: str = "dpo", seed: int = 0, save: bool = True,
                          samples: int = 3, **overrides: Any) -> tuple[Patch, dict[str, Any]]:
-        """A behaviour edit: one DPO patch over preference pairs (requests with `rejected`
-        set); a `heldout` share is measured before and after (see `preferences`). Returns
-        (patch, report); the report is also in the manifest under "preference"."""
+        """A behaviour edit: one DPO patch over preference pairs (requests with `rejected`),
+        a `heldout` share measured before and after (`preferences`): (patch, report)."""
         patch, report = edit_preferences(self, as_requests(pairs), heldout=heldout,
                                          method=method, seed=seed, samples=samples, **overrides)
         if save and is_main_process():
@@ -486,9 +491,8 @@ class Editor:
 
     def edit_sequential(self, requests: EditRequest | Sequence[EditRequest],
                         method: str = "lora-sft", *, group: int = 1, **kwargs: Any) -> list[Patch]:
-        """Edit `requests` one after another, one patch per `group` requests, each saved in
-        the store and left applied; no patch ever changes another. With routing (the
-        default), each query is answered with only the patches whose keys it matches."""
+        """Edit `requests` one after another, a patch per `group` requests, each saved and
+        left applied; with routing, a query is answered by the patches its keys match."""
         requests = as_requests(requests)
         if group < 1:
             raise KnowpatchError(f"group: must be ≥ 1 (got {group})")

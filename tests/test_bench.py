@@ -277,3 +277,14 @@ def test_baseline_cache_returns_what_scoring_gives(tiny_editor, tmp_path):
     # edited scoring never reads the cache
     bench.score_cases(cases, None, None, [True, False])
     assert cache.hits == 1
+
+
+def test_batch_mode_with_method_auto_records_what_it_chose(tiny_editor, tmp_path):
+    """--method auto on a batch of cases: a routed patch per case (trained side by side),
+    all applied while the batch is scored; report.json says what auto chose and why."""
+    report = _bench(tiny_editor, tmp_path, mode="batch", batch_size=3, n=3, method="auto").run()
+    rows = _rows(tmp_path)
+    assert len({r["patch_id"] for r in rows}) == 3 and all(r["learnt"] for r in rows)
+    assert report["chosen_by"] == [rows[0]["chosen_by"]]
+    assert rows[0]["chosen_by"].startswith("auto: 3 facts: a LoRA SFT patch per fact")
+    assert report["summary"]["rel"] == 100.0 and tiny_editor.applied == []

@@ -109,6 +109,15 @@ def test_edit_requests_file_trains_one_patch(tiny_dir, tmp_path):
     assert len(manifest["requests"]) == n_lines > 1
     res = run("edit", "--model", tiny_dir, "--store", tmp_path, "-p", PROMPT)
     assert res.exit_code == 2 and "--target" in res.stderr
+    # --method auto: a routed patch per fact, the scores their mean, why in chosen_by
+    res = run("edit", "--model", tiny_dir, "--store", tmp_path / "auto", "--requests", fixture,
+              "--method", "auto", "--json", *FAST)
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert len(data["patches"]) == n_lines and data["scores"]["rel"] == 100.0
+    assert data["chosen_by"].startswith(f"auto: {n_lines} facts: a LoRA SFT patch per fact")
+    for path in data["patches"]:
+        assert len(json.loads((Path(path) / "patch.json").read_text())["requests"]) == 1
 
 
 def test_patches_route_shows_which_patch_a_query_fires(tiny_dir, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from knowpatch import EditRequest, KnowpatchError, Patch
-from knowpatch.methods import AUTO_FULL_SFT_FROM, choose_method
+from knowpatch.methods import choose_method
 from knowpatch.methods.dpo import completion_logprobs, preference_loss
 from knowpatch.patches import ADAPTER_WEIGHTS, DELTA_WEIGHTS
 
@@ -151,9 +151,13 @@ def test_dpo_bad_loss_is_refused(tiny_editor):
 
 # ---- method auto -----------------------------------------------------------------------
 def test_auto_picks_by_the_documented_rule(tiny_editor):
-    assert choose_method(1)[0] == "lora-sft"
-    assert choose_method(AUTO_FULL_SFT_FROM - 1)[0] == "lora-sft"
-    assert choose_method(AUTO_FULL_SFT_FROM)[0] == "full-sft"
+    # measured (README "Many facts at once"): routed LoRA at every size; a patch per fact
+    # where the caller allows it, otherwise one patch keyed by all the subjects
+    assert choose_method(1) == ("lora-sft", "1 fact: LoRA SFT, a small patch routed by its subject")
+    for n in (2, 100, 1000):
+        assert choose_method(n)[0] == choose_method(n, one_patch=False)[0] == "lora-sft"
+        assert choose_method(n, one_patch=False)[1].startswith(f"{n} facts: a LoRA SFT patch per fact")
+        assert choose_method(n)[1].startswith(f"{n} facts in one patch: LoRA SFT routed by all")
     assert choose_method(3, preferences=True)[0] == "dpo"
     patch = tiny_editor.edit(_req(), method="auto", evaluate=False, prefixes=0)
     assert patch.manifest["method"] == "lora-sft"

@@ -48,3 +48,20 @@ def test_side_by_side_refuses_terms_it_does_not_train(tiny_editor):
     with pytest.raises(Exception, match="gate"):
         tiny_editor.edit_many(EDITS[:2], gate="subject", **FAST)
     assert tiny_editor.applied == []
+
+
+def test_method_auto_edits_many_facts_a_patch_each_k_at_a_time(tiny_editor):
+    """`edit_many(method="auto", parallel=2)`: the large-scale path — a routed patch per
+    fact, trained two side by side, each recording why auto chose it."""
+    patches = tiny_editor.edit_many(EDITS[:3], method="auto", parallel=2, evaluate=False, **FAST)
+    assert [p.manifest["side_by_side"] for p in patches] == [2, 2, 1]
+    for p, e in zip(patches, EDITS):
+        assert p.manifest["learnt"] and p.manifest["method"] == "lora-sft"
+        assert p.manifest["chosen_by"].startswith("auto: 3 facts: a LoRA SFT patch per fact")
+        assert p.manifest["router"]["facts"] == [e.prompt.lower()]  # its own fact only
+    assert [tiny_editor.generate(e.prompt, max_new_tokens=1)[0] for e in EDITS[:3]] == [
+        " Rome", " Oslo", " Danish"]
+    with pytest.raises(Exception, match="method: edits side by side"):
+        tiny_editor.edit_many(EDITS[:2], method="full-sft")
+    with pytest.raises(Exception, match="parallel: must be ≥ 1"):
+        tiny_editor.edit_many(EDITS[:2], parallel=0, **FAST)
