@@ -1,6 +1,7 @@
 """`knowpatch bench`: one editing method over a dataset, scored by BENCHMARK.md's protocol.
 
-Modes: `single` (edit one case, score, remove, next), `batch` (k cases in one patch),
+Modes: `single` (edit one case, score, remove, next), `batch` (k cases in one patch; with
+`--method auto`, in what auto chooses: a routed patch per case, trained side by side),
 `sequential` (edits accumulate; each case is scored right after its own edit and again
 after the last edit). In sequential mode `stack` keeps every patch active; `shared` keeps
 training one adapter, edit after edit (EasyEdit's way, kept for comparison).
