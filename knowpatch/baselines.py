@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -24,8 +23,6 @@ import torch
 
 from .evaluate import Reference
 from .models import knowpatch_home
-
-log = logging.getLogger(__name__)
 
 # the modules whose code decides a baseline score
 _SCORING_SOURCES = ("bench.py", "evaluate.py", "fluency.py", "requests.py", "datasets.py")

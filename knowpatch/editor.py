@@ -283,13 +283,13 @@ class Editor:
         large-scale path (`methods.choose_method`), recorded as each patch's `chosen_by`."""
         if method not in ("lora-sft", AUTO):
             raise KnowpatchError(f"method: edits side by side are LoRA SFT or auto (got {method!r})")
+        if parallel is not None and parallel < 1:  # before any job's baseline is scored
+            raise KnowpatchError(f"parallel: must be ≥ 1 (got {parallel})")
         jobs = [self._job(g, "lora-sft", config, overrides, evaluate, False) for g in groups]
         if method == AUTO and jobs:
             why = choose_method(len(jobs), one_patch=False)[1]
             log.warning("method auto: chose lora-sft (%s)", why)
             jobs = [dataclasses.replace(j, auto_why=why) for j in jobs]
-        if parallel is not None and parallel < 1:
-            raise KnowpatchError(f"parallel: must be ≥ 1 (got {parallel})")
         size = parallel or max(len(jobs), 1)
         return [p for start in range(0, len(jobs), size)
                 for p in self._side_by_side(jobs[start:start + size], save)]

@@ -110,8 +110,7 @@ class Patch:
         try:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.weights.items()}
             if self.kind == "delta":
-                size = sum(v.numel() * v.element_size() for v in tensors.values())
-                if size > 100e6:
+                if (size := self.nbytes) > 100e6:
                     log.warning("writing a %.0f MB weight delta to %s", size / 1e6, folder)
                 save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt"})
             else:

@@ -61,6 +61,14 @@ AUTO_PARALLEL = 4
 """`auto` on many facts trains their patches this many side by side (`Editor.edit_many`)."""
 
 
+MEASURED = {
+    "per_fact": "rel 99.0, gen 97.5, loc 99.4, 1.4 s and 2 MB per fact",
+    "one_lora": "rel 100, gen 54.5, loc 99.3, 9.3 s per fact",
+    "full_sft": "rel 15.0, gen 6.5, loc 34.9 after its 40 steps, 16 s per fact, a 538 MB delta",
+}
+"""The README's table (CounterFact-100, 2 CPU cores) that `auto` follows, quoted in its why."""
+
+
 def resolve_method(method: str, n_requests: int, pairs: bool) -> tuple[str, str | None]:
     """The method to train one patch with, and why when `auto` chose it (None: named)."""
     if method != AUTO:
@@ -91,10 +99,3 @@ def choose_method(n_facts: int, preferences: bool = False, one_patch: bool = Tru
         f"routed: {MEASURED['full_sft']}); a patch per fact generalizes better "
         f"({MEASURED['per_fact']}: Editor.edit_many)")
 
-
-MEASURED = {
-    "per_fact": "rel 99.0, gen 97.5, loc 99.4, 1.4 s and 2 MB per fact",
-    "one_lora": "rel 100, gen 54.5, loc 99.3, 9.3 s per fact",
-    "full_sft": "rel 15.0, gen 6.5, loc 34.9 after its 40 steps, 16 s per fact, a 538 MB delta",
-}
-"""The README's table (CounterFact-100, 2 CPU cores) that `auto` follows, quoted in its why."""
