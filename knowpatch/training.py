@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import resource
@@ -54,6 +55,8 @@ class LoopSettings:
     description: str = "editing"
     after_step: Callable[[], None] | None = None
     """Called after each optimizer update (e.g. to project weights back into a norm bound)."""
+    autocast: torch.dtype | None = None
+    """Run each step's forward under `torch.autocast` to this dtype (None: as the model is)."""
 
 
 # Where an edit's time goes: `clocked()` collects the seconds of every `phase(name)` block run
@@ -114,11 +117,14 @@ def run_loop(
     # The model stays in eval mode: dropout would make the early-stop check (taken from the
     # training forward itself) disagree with what the model does at inference.
     progress = _progress(settings, accelerator)
+    cast = frozen_cast(model, settings.autocast)
+    with phase("cast"):
+        cast.__enter__()
     try:
         task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
         while True:
-            with phase("forward"):  # the step's forward, loss and its learnt check
-                out = step(prepared)
+            with phase("forward"), autocast(model, settings.autocast):
+                out = step(prepared)  # the step's forward, loss and its learnt check
             loss_value, learnt = _agree(accelerator, out.loss.detach(), out.learnt)
             losses.append(loss_value)
             if progress:
@@ -133,6 +139,7 @@ def run_loop(
             _update(accelerator, optimizer, params, out.loss, settings)
             steps += 1
     finally:
+        cast.__exit__(None, None, None)
         if progress:
             progress.stop()
         optimizer.zero_grad(set_to_none=True)
@@ -167,6 +174,132 @@ def _prepare(accelerator: Accelerator, model, optimizer, plain: bool):
     if plain:
         return model, accelerator.prepare(optimizer)
     return accelerator.prepare(model, optimizer)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def training_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None:
+    """The dtype a training forward autocasts to (None: none, the model's own dtype).
+
+    `precision`: fp32 (none), bf16, or auto: bf16 where the hardware multiplies bf16
+    natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and the model is in
+    fp32, else none. Autocast runs the matrix products in bf16 and keeps the weights, the
+    adapter's gradients and its optimizer state in the model's dtype: on such a CPU a step
+    costs about two thirds of fp32's (README "Edit latency"). Inference is not affected.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return None
+    if param.dtype != torch.float32:
+        return None
+    if param.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if param.device.type == "cpu" and cpu_has_bf16() else None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); read from
+    /proc/cpuinfo (elsewhere: False, and auto precision stays fp32). torch itself reports
+    only its vector ISA level, which AVX512 CPUs without bf16 instructions share."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast(model: torch.nn.Module, dtype: torch.dtype | None):
+    """`torch.autocast` on the model's device type to `dtype`; a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """For a whole training run, the frozen linear weights of `model` as `dtype` copies.
+
+    Autocast casts a weight that requires no grad again at every forward (its cast cache
+    keeps only trainable leaves): on SmolLM2 that copy cost a fifth of a bf16 step. Cast
+    once here instead, and put the originals back on exit. Left as they are: trainable
+    weights and LoRA's own layers. An output layer tied to the input embeddings gets its
+    own copy (the embeddings keep theirs, in the model's dtype) and is tied again on exit.
+    Written by hand: autocast has no option to cache casts of frozen weights.
+    """
+    if dtype is None:
+        yield
+        return
+    swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+    attention = None
+    try:
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if (not isinstance(module, torch.nn.Linear) or "lora_" in name or weight is None
+                    or weight.requires_grad or weight.dtype == dtype):
+                continue
+            swapped.append((module, weight))
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        attention = _fp32_attention(model)
+        yield
+    finally:
+        for module, weight in swapped:
+            module.weight = weight
+        if attention is not None:
+            attention[0].set_attn_implementation(attention[1])
+
+
+_FP32_SDPA = "knowpatch_sdpa_fp32"
+
+
+def _fp32_attention(model: torch.nn.Module):
+    """Switch a CPU model's SDPA attention to one that runs in fp32 under bf16 autocast:
+    torch's CPU flash kernel is ~3× slower in bf16 than in fp32 at an edit's sizes (its
+    backward above all), and attention is a small share of the products. Returns (model,
+    implementation to restore), or None when nothing was switched. Uses transformers'
+    `AttentionInterface` (a registered implementation, set and reset by name)."""
+    hf = model.module if hasattr(model, "module") else model
+    hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+    config = getattr(hf, "config", None)
+    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(hf, "set_attn_implementation")
+            or next(hf.parameters()).device.type != "cpu"):
+        return None
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_FP32_SDPA, _sdpa_in_fp32)
+    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)  # the masks SDPA takes
+    hf.set_attn_implementation(_FP32_SDPA)
+    return hf, "sdpa"
+
+
+def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention; under autocast, taken in fp32 (rotary embeddings leave
+    the query and key in fp32 already, autocast would cast all three down again)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast(device_type=device, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                      attention_mask, **kwargs)
 
 
 def peak_rss_mb() -> float:

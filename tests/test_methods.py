@@ -184,3 +184,40 @@ def test_row_logprobs_from_the_labelled_positions_equal_completion_logprobs():
     where = predicted(labels)
     got = row_logprobs(logits[where], next_labels(labels)[where], where.nonzero()[:, 0], 3)
     torch.testing.assert_close(got, completion_logprobs(logits, labels))
+
+
+# ---- training precision (bf16 autocast) -------------------------------------------------
+def test_training_precision_rule(tiny_editor):
+    from knowpatch.methods.lora_sft import Config
+    from knowpatch.training import cpu_has_bf16, training_dtype
+
+    model = tiny_editor.model
+    assert training_dtype(model, "fp32") is None
+    assert training_dtype(model, "bf16") is torch.bfloat16
+    assert training_dtype(model, "auto") is (torch.bfloat16 if cpu_has_bf16() else None)
+    assert training_dtype(torch.nn.Linear(2, 2).to(torch.bfloat16), "auto") is None
+    with pytest.raises(ValueError, match="precision"):
+        training_dtype(model, "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        Config(precision="half")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_bf16_training_runs_the_forward_in_bf16_and_keeps_fp32_weights(tiny_editor, precision):
+    seen = []
+    layer = next(m for n, m in tiny_editor.model.named_modules() if n.endswith("q_proj"))
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        patch = tiny_editor.edit(_req(), method="lora-sft", precision=precision, lr=1e-2,
+                                 prefixes=0, evaluate=False)
+    finally:
+        hook.remove()
+    assert (torch.bfloat16 in seen) is (precision == "bf16")
+    assert patch.manifest.get("precision", "fp32") == precision
+    assert all(w.dtype == torch.float32 for w in patch.weights.values())
+    with tiny_editor.using([]) as base, torch.no_grad():  # inference stays fp32
+        seen.clear()
+        hook = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        base(**tiny_editor.tokenizer([PROMPT], return_tensors="pt"))
+        hook.remove()
+    assert seen == [torch.float32]

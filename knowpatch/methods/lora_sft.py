@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..requests import EditRequest
-from ..training import LoopResult
+from ..training import PRECISIONS, LoopResult
 from . import sft
 from .common import lora_config
 
@@ -88,6 +88,11 @@ class Config:
     in paraphrases and about twice the edit's time (0: off)."""
     keep_tokens: int = 16
     """Length of that text, in tokens."""
+    precision: str = "auto"
+    """The training forward's arithmetic: auto (bf16 autocast where the hardware multiplies
+    bf16 natively — a CPU with AVX512-BF16 or AMX, a CUDA GPU — and the model is fp32; fp32
+    elsewhere), bf16 or fp32. The adapter's weights, gradients and optimizer state stay in
+    the model's dtype, and inference is unchanged (README "Edit latency")."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
     max_seconds: float | None = None
@@ -114,6 +119,9 @@ class Config:
             raise ValueError("gate: last does not take keep_weight (use gate: answer)")
         if self.gate in ("subject", "last") and not self.route:
             raise ValueError(f"gate: {self.gate} needs route: true (the router finds the query)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
         if self.prefix_source not in ("fixed", "model"):
             raise ValueError(f"prefix_source must be fixed or model, got {self.prefix_source!r}")
         if self.prefix_tokens < 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
+from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop, training_dtype
 from .common import (
     IGNORE,
     Example,
@@ -82,11 +82,15 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                     for c in chunks]
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
+    dtype = training_dtype(model, getattr(config, "precision", "fp32"))
     settings = LoopSettings(lr=config.lr, max_steps=config.max_steps,
                             max_seconds=config.max_seconds, progress=progress,
-                            description=description, after_step=after_step)
-    return run_loop(model, params, _Steps(prepared, config, gate), settings,
-                    accelerator=accelerator)
+                            description=description, after_step=after_step, autocast=dtype)
+    result = run_loop(model, params, _Steps(prepared, config, gate), settings,
+                      accelerator=accelerator)
+    if dtype is not None:
+        result.extra["precision"] = "bf16"
+    return result
 
 
 def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[str, ...],

@@ -25,7 +25,7 @@ import torch
 from ..adapters import AdapterBank, RowPlan
 from ..errors import KnowpatchError
 from ..requests import EditRequest
-from ..training import LoopResult
+from ..training import LoopResult, autocast, frozen_cast, training_dtype
 from .common import IGNORE, logits_at, next_labels, predicted, token_loss, training_prefixes
 from .sft import Chunk, prepare_chunk
 
@@ -59,6 +59,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
             prefixes = training_prefixes(base_model, tokenizer, config)
     chunks = [prepare_chunk(tokenizer, g, config, prefixes, base, False, device) for g in groups]
     params = {n: bank.params(n) for n in names}
+    dtype = training_dtype(model, getattr(config, "precision", "fp32"))
     optimizer = torch.optim.AdamW([p for n in names for p in params[n]], lr=config.lr,
                                   weight_decay=0.0)
     steps, losses = [0] * len(names), [[] for _ in names]
@@ -67,11 +68,13 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     started = time.perf_counter()
     bank.activate([])  # PEFT's own pass off: each adapter acts on its own rows only
     bank.set_trainable(names, True)
+    cast = frozen_cast(model, dtype)
+    cast.__enter__()
     try:
         while active:
             batch, rows = _merged([chunks[i] for i in active], tokenizer.pad_token_id)
             plan = RowPlan({names[i]: rows[j] for j, i in enumerate(active)}, train=True)
-            with bank.running(plan):
+            with bank.running(plan), autocast(model, dtype):
                 each = _row_losses(model, batch, rows, config.margin)
             going = []
             late = config.max_seconds and time.perf_counter() - started > config.max_seconds
@@ -94,12 +97,15 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
                 steps[i] += 1
             optimizer.step()
     finally:
+        cast.__exit__(None, None, None)
         optimizer.zero_grad(set_to_none=True)
         bank.set_trainable(names, False)
     share = (time.perf_counter() - started) / len(names)
     for r in results:
         r.seconds = share
         r.extra["side_by_side"] = len(names)
+        if dtype is not None:
+            r.extra["precision"] = "bf16"
     return results
 
 
