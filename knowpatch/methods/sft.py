@@ -88,8 +88,8 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
                             description=description, after_step=after_step, autocast=dtype)
     result = run_loop(model, params, _Steps(prepared, config, gate), settings,
                       accelerator=accelerator)
-    if dtype is not None:
-        result.extra["precision"] = "bf16"
+    if hasattr(config, "precision"):  # what `auto` resolved to, in the manifest
+        result.extra["precision"] = "bf16" if dtype is not None else "fp32"
     return result
 
 

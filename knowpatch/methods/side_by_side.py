@@ -104,8 +104,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     for r in results:
         r.seconds = share
         r.extra["side_by_side"] = len(names)
-        if dtype is not None:
-            r.extra["precision"] = "bf16"
+        r.extra["precision"] = "bf16" if dtype is not None else "fp32"
     return results
 
 
