@@ -395,6 +395,7 @@ class Bench:
             "edit_seconds": round(seconds / group_size, 4), "eval_seconds": round(eval_seconds, 4),
             "group_size": group_size, "patch_id": patch.id, "patch_bytes": patch.nbytes,
             "phases": patch.manifest.get("phases"), "chosen_by": patch.manifest.get("chosen_by"),
+            "precision": patch.manifest.get("precision"),
         }
 
     # ---- report -----------------------------------------------------------------------
@@ -420,6 +421,7 @@ class Bench:
             "summary": summary,
             "notes": NOTES,
             "chosen_by": sorted({r["chosen_by"] for r in rows if r.get("chosen_by")}) or None,
+            "precision": sorted({r["precision"] for r in rows if r.get("precision")}) or None,
             "baseline_cache": None if self.baselines is None else {
                 "folder": str(self.baselines.folder), "chunks_reused": self.baselines.hits},
         }

@@ -288,3 +288,7 @@ def test_batch_mode_with_method_auto_records_what_it_chose(tiny_editor, tmp_path
     assert report["chosen_by"] == [rows[0]["chosen_by"]]
     assert rows[0]["chosen_by"].startswith("auto: 3 facts: a LoRA SFT patch per fact")
     assert report["summary"]["rel"] == 100.0 and tiny_editor.applied == []
+    # precision auto, as resolved on this machine, recorded per row and for the run
+    from knowpatch.training import cpu_has_bf16
+
+    assert report["precision"] == ["bf16" if cpu_has_bf16() else "fp32"]
