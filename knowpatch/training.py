@@ -117,9 +117,9 @@ def run_loop(
     # The model stays in eval mode: dropout would make the early-stop check (taken from the
     # training forward itself) disagree with what the model does at inference.
     progress = _progress(settings, accelerator)
-    cast = frozen_cast(model, settings.autocast)
+    cast = contextlib.ExitStack()  # the frozen weights' bf16 copies, put back at the end
     with phase("cast"):
-        cast.__enter__()
+        cast.enter_context(frozen_cast(model, settings.autocast))
     try:
         task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
         while True:
@@ -139,7 +139,7 @@ def run_loop(
             _update(accelerator, optimizer, params, out.loss, settings)
             steps += 1
     finally:
-        cast.__exit__(None, None, None)
+        cast.close()
         if progress:
             progress.stop()
         optimizer.zero_grad(set_to_none=True)
@@ -240,8 +240,8 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
     own copy (the embeddings keep theirs, in the model's dtype) and is tied again on exit.
     Written by hand: autocast has no option to cache casts of frozen weights.
     """
-    if dtype is None:
-        yield
+    if dtype is None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield  # distributed (FSDP shards its weights): autocast casts as it goes
         return
     swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     attention = None

@@ -16,6 +16,7 @@ inference-only) and TRL/PEFT have no notion of several independent edits in one 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -68,8 +69,8 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     started = time.perf_counter()
     bank.activate([])  # PEFT's own pass off: each adapter acts on its own rows only
     bank.set_trainable(names, True)
-    cast = frozen_cast(model, dtype)
-    cast.__enter__()
+    cast = contextlib.ExitStack()
+    cast.enter_context(frozen_cast(model, dtype))
     try:
         while active:
             batch, rows = _merged([chunks[i] for i in active], tokenizer.pad_token_id)
@@ -97,7 +98,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
                 steps[i] += 1
             optimizer.step()
     finally:
-        cast.__exit__(None, None, None)
+        cast.close()
         optimizer.zero_grad(set_to_none=True)
         bank.set_trainable(names, False)
     share = (time.perf_counter() - started) / len(names)
