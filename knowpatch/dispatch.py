@@ -86,7 +86,9 @@ class RoutedForwards:
             options["position_ids"] = at[index] if at.shape[0] == ids.shape[0] else at
         self.routing = True  # no routing, no routed adapter: the base weights
         try:
-            fresh = self.model(input_ids=ids[index], **options).past_key_values
+            out = self.model(input_ids=ids[index], **options)
+            # transformers ≥ 5.2x names it `cache` (reading `past_key_values` warns there)
+            fresh = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         finally:
             self.routing = False
         for old, new in zip(past.layers, fresh.layers):

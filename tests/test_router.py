@@ -417,6 +417,32 @@ def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor
                                             max_new_tokens=n + 5)[1]
 
 
+def test_handoff_generation_logs_no_library_warning(tiny_editor):
+    """The handoff's re-read takes the new cache from the model's output by its current
+    name: reading the old one (`past_key_values`) logs a deprecation on transformers 5."""
+    import logging
+
+    heard: list[str] = []
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            heard.append(record.getMessage())
+
+    req = EditRequest("The Eiffel Tower is located in the city of", "Reykjavik Harbour",
+                      subject="Eiffel Tower")
+    patch = tiny_editor.edit(req, evaluate=False, gate="handoff", **FAST)
+    handler, library = Heard(logging.WARNING), logging.getLogger("transformers")
+    library.addHandler(handler)
+    once = getattr(logging.Logger.warning_once, "cache_clear", None)
+    if once is not None:  # transformers says some things once per process
+        once()
+    try:
+        text = tiny_editor.generate(req.prompt, patches=[patch], max_new_tokens=8)[0]
+    finally:
+        library.removeHandler(handler)
+    assert text.startswith(" Reykjavik Harbour") and heard == []
+
+
 def test_rep_counts_generations_that_repeat_the_answer():
     from knowpatch.fluency import repetition
 

@@ -75,6 +75,9 @@ def test_demo_runs_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Rome" in res.stdout and "patch saved to" in res.stdout
+    # no library warnings in a newcomer's first run (Python warnings, transformers' logger)
+    said = (res.stdout + res.stderr).lower()
+    assert "warning" not in said and "deprecated" not in said, res.stderr[-2000:]
     patches = list((tmp_path / "patches").iterdir())
     assert len(patches) == 1
     manifest = json.loads((patches[0] / "patch.json").read_text())
