@@ -246,9 +246,9 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
     swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     attention = None
     try:
-        for name, module in model.named_modules():
+        for module in _base_modules(model):
             weight = getattr(module, "weight", None)
-            if (not isinstance(module, torch.nn.Linear) or "lora_" in name or weight is None
+            if (not isinstance(module, torch.nn.Linear) or weight is None
                     or weight.requires_grad or weight.dtype == dtype):
                 continue
             swapped.append((module, weight))
@@ -260,6 +260,17 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
             module.weight = weight
         if attention is not None:
             attention[0].set_attn_implementation(attention[1])
+
+
+def _base_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`module` and its submodules, not descending into LoRA's own (`lora_*`): with N
+    adapters loaded each adapted layer holds N of them, and a full walk grew an edit's time
+    with the store (0.98 s per edit over the first 100 of 1,000 sequential edits, 1.59 s over
+    the last 100)."""
+    yield module
+    for name, child in module.named_children():
+        if not name.startswith("lora_"):
+            yield from _base_modules(child)
 
 
 _FP32_SDPA = "knowpatch_sdpa_fp32"
