@@ -285,7 +285,7 @@ def _fp32_attention(model: torch.nn.Module):
     hf = model.module if hasattr(model, "module") else model
     hf = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
     config = getattr(hf, "config", None)
-    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+    if (config is None or attention_implementation(hf) != "sdpa"
             or not hasattr(hf, "set_attn_implementation")
             or next(hf.parameters()).device.type != "cpu"):
         return None
@@ -296,6 +296,11 @@ def _fp32_attention(model: torch.nn.Module):
     AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)  # the masks SDPA takes
     hf.set_attn_implementation(_FP32_SDPA)
     return hf, "sdpa"
+
+
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation a transformers model runs now (e.g. sdpa, eager)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):

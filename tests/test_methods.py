@@ -226,22 +226,22 @@ def test_bf16_training_runs_the_forward_in_bf16_and_keeps_fp32_weights(tiny_edit
 def test_bf16_training_forward_keeps_padding_masks_and_restores_the_model(tiny_editor):
     """Under `frozen_cast` (bf16 weight copies, SDPA switched to fp32) a left-padded short
     row gives the logits it gives alone, as in fp32; on exit the model is as it was."""
-    from knowpatch.training import autocast, frozen_cast
+    from knowpatch.training import attention_implementation, autocast, frozen_cast
 
     model, tok = tiny_editor.model, tiny_editor.tokenizer
     weights = {n: p for n, p in model.named_parameters()}
-    implementation = model.config._attn_implementation
+    implementation = attention_implementation(model)
     texts = ["The Eiffel Tower is located in the city of", "Paris is"]
     batch = tok(texts, return_tensors="pt", padding=True, padding_side="left")
     alone = tok(texts[1:], return_tensors="pt")
     with torch.no_grad():
         ref = model(**batch).logits[:, -1].float()
         with frozen_cast(model, torch.bfloat16), autocast(model, torch.bfloat16):
-            assert model.config._attn_implementation != implementation
+            assert attention_implementation(model) != implementation
             low = model(**batch).logits[:, -1].float()
             low_alone = model(**alone).logits[:, -1].float()
     scale = ref.abs().max()
     assert (low - ref).abs().max() < 0.05 * scale
     assert (low[1] - low_alone[0]).abs().max() < 0.05 * scale
-    assert model.config._attn_implementation == implementation
+    assert attention_implementation(model) == implementation
     assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())

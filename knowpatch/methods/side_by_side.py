@@ -53,12 +53,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     `progress(done, total)` is called as edits finish. Returns each edit's LoopResult; its
     `seconds` is the run's wall time divided among the edits."""
     check_side_by_side(config)
-    device = next(model.parameters()).device
-    prefixes: tuple[str, ...] = ()
-    if config.prefixes:
-        with torch.no_grad(), base() as base_model:
-            prefixes = training_prefixes(base_model, tokenizer, config)
-    chunks = [prepare_chunk(tokenizer, g, config, prefixes, base, False, device) for g in groups]
+    chunks = _chunks(model, tokenizer, groups, config, base)
     params = {n: bank.params(n) for n in names}
     dtype = training_dtype(model, getattr(config, "precision", "fp32"))
     optimizer = torch.optim.AdamW([p for n in names for p in params[n]], lr=config.lr,
@@ -107,6 +102,17 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
         r.extra["side_by_side"] = len(names)
         r.extra["precision"] = "bf16" if dtype is not None else "fp32"
     return results
+
+
+def _chunks(model, tokenizer, groups: list[list[EditRequest]], config,
+            base: Callable[[], AbstractContextManager]) -> list[Chunk]:
+    """Each edit's rows, after the prefixes sampled once from the base model."""
+    prefixes: tuple[str, ...] = ()
+    if config.prefixes:
+        with torch.no_grad(), base() as base_model:
+            prefixes = training_prefixes(base_model, tokenizer, config)
+    device = next(model.parameters()).device
+    return [prepare_chunk(tokenizer, g, config, prefixes, base, False, device) for g in groups]
 
 
 def _row_losses(model, batch: dict[str, torch.Tensor], rows: list[torch.Tensor],
