@@ -205,6 +205,11 @@ def training_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None
     return torch.bfloat16 if param.device.type == "cpu" and cpu_has_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a manifest records for a `training_dtype` result: bf16 or fp32."""
+    return "bf16" if dtype is not None else "fp32"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); read from

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop, training_dtype
+from ..training import LoopResult, LoopSettings, StepOutput, phase, precision_name, run_loop, training_dtype
 from .common import (
     IGNORE,
     Example,
@@ -89,7 +89,7 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
     result = run_loop(model, params, _Steps(prepared, config, gate), settings,
                       accelerator=accelerator)
     if hasattr(config, "precision"):  # what `auto` resolved to, in the manifest
-        result.extra["precision"] = "bf16" if dtype is not None else "fp32"
+        result.extra["precision"] = precision_name(dtype)
     return result
 
 

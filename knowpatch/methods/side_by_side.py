@@ -26,7 +26,7 @@ import torch
 from ..adapters import AdapterBank, RowPlan
 from ..errors import KnowpatchError
 from ..requests import EditRequest
-from ..training import LoopResult, autocast, frozen_cast, training_dtype
+from ..training import LoopResult, autocast, frozen_cast, precision_name, training_dtype
 from .common import IGNORE, logits_at, next_labels, predicted, token_loss, training_prefixes
 from .sft import Chunk, prepare_chunk
 
@@ -100,7 +100,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     for r in results:
         r.seconds = share
         r.extra["side_by_side"] = len(names)
-        r.extra["precision"] = "bf16" if dtype is not None else "fp32"
+        r.extra["precision"] = precision_name(dtype)
     return results
 
 
