@@ -180,6 +180,12 @@ def next_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
+def read_positions(where: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the True positions of `where`, in `logits_at`'s order: each one's row, and the token
+    it predicts (IGNORE where unlabelled)."""
+    return where.nonzero()[:, 0], next_labels(labels)[where]
+
+
 def logits_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
     """The logits at the True positions of `where` (rows, width) only, row by row: (N, vocab).
 

@@ -37,8 +37,8 @@ from .common import (
     collate,
     logits_at,
     lora_config,
-    next_labels,
     predicted,
+    read_positions,
     token_loss,
     training_prefixes,
 )
@@ -150,8 +150,8 @@ def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Summed log-prob of the labelled (completion) tokens of each row, from full logits;
     `logits[:, t]` predicts `labels[:, t + 1]`, IGNORE elsewhere."""
     where = predicted(labels)
-    return row_logprobs(logits[where], next_labels(labels)[where], where.nonzero()[:, 0],
-                        len(labels))
+    rows, targets = read_positions(where, labels)
+    return row_logprobs(logits[where], targets, rows, len(labels))
 
 
 def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
@@ -227,7 +227,7 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     rej_rows = torch.tensor([i for i, h in enumerate(has_rej) if h], dtype=torch.long,
                             device=device)
     where = predicted(batch["labels"])  # every read position is a labelled one
-    rows, targets, n_rows = where.nonzero()[:, 0], next_labels(batch["labels"])[where], len(where)
+    (rows, targets), n_rows = read_positions(where, batch["labels"]), len(where)
     chosen = rows < n
     with torch.no_grad(), base() as base_model, phase("prepare"):
         ref = row_logprobs(logits_at(base_model, batch, where), targets, rows, n_rows)

@@ -25,8 +25,8 @@ from .common import (
     kl_to_reference,
     last_token_logprobs,
     logits_at,
-    next_labels,
     predicted,
+    read_positions,
     token_loss,
     training_prefixes,
 )
@@ -72,14 +72,8 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
     if any(len(c) < world for c in chunks):
         raise ValueError(f"{world} processes need at least {world} requests per mini-batch "
                          f"(got {min(map(len, chunks))})")
-    prefixes: tuple[str, ...] = ()
-    if config.prefixes:
-        with torch.no_grad(), base() as base_model, phase("prefixes"):
-            prefixes = training_prefixes(base_model, tokenizer, config)
-    with phase("prepare"):
-        prepared = [prepare_chunk(tokenizer, c[rank::world], config, prefixes, base,
-                                  gate is not None, next(model.parameters()).device)
-                    for c in chunks]
+    prepared = prepare_chunks(model, tokenizer, [c[rank::world] for c in chunks], config, base,
+                              gated=gate is not None)
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     dtype = training_dtype(model, getattr(config, "precision", "fp32"))
@@ -91,6 +85,19 @@ def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
     if hasattr(config, "precision"):  # what `auto` resolved to, in the manifest
         result.extra["precision"] = precision_name(dtype)
     return result
+
+
+def prepare_chunks(model, tokenizer, groups: list[list[EditRequest]], config,
+                   base: Callable[[], AbstractContextManager], gated: bool = False) -> list[Chunk]:
+    """Each group's rows (`prepare_chunk`), after the training prefixes sampled once from the
+    base model for all of them."""
+    prefixes: tuple[str, ...] = ()
+    if config.prefixes:
+        with torch.no_grad(), base() as base_model, phase("prefixes"):
+            prefixes = training_prefixes(base_model, tokenizer, config)
+    device = next(model.parameters()).device
+    with phase("prepare"):
+        return [prepare_chunk(tokenizer, g, config, prefixes, base, gated, device) for g in groups]
 
 
 def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[str, ...],
@@ -125,7 +132,7 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
     for row, e in enumerate(anchors, start=len(examples)):
         where[row, len(e.prompt_ids) - 1] = True
     return Chunk(batch, len(examples), len(anchors), ref_logp, first_target, keep_ref, where,
-                 where.nonzero()[:, 0], next_labels(batch["labels"])[where])
+                 *read_positions(where, batch["labels"]))
 
 
 def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:

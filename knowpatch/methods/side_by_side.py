@@ -27,8 +27,8 @@ from ..adapters import AdapterBank, RowPlan
 from ..errors import KnowpatchError
 from ..requests import EditRequest
 from ..training import LoopResult, autocast, frozen_cast, precision_name, training_dtype
-from .common import IGNORE, logits_at, next_labels, predicted, token_loss, training_prefixes
-from .sft import Chunk, prepare_chunk
+from .common import IGNORE, logits_at, predicted, read_positions, token_loss
+from .sft import Chunk, prepare_chunks
 
 
 def check_side_by_side(config) -> None:
@@ -53,7 +53,7 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     `progress(done, total)` is called as edits finish. Returns each edit's LoopResult; its
     `seconds` is the run's wall time divided among the edits."""
     check_side_by_side(config)
-    chunks = _chunks(model, tokenizer, groups, config, base)
+    chunks = prepare_chunks(model, tokenizer, groups, config, base)
     params = {n: bank.params(n) for n in names}
     dtype = training_dtype(model, getattr(config, "precision", "fp32"))
     optimizer = torch.optim.AdamW([p for n in names for p in params[n]], lr=config.lr,
@@ -104,23 +104,12 @@ def train_side_by_side(model, tokenizer, bank: AdapterBank, names: list[str],
     return results
 
 
-def _chunks(model, tokenizer, groups: list[list[EditRequest]], config,
-            base: Callable[[], AbstractContextManager]) -> list[Chunk]:
-    """Each edit's rows, after the prefixes sampled once from the base model."""
-    prefixes: tuple[str, ...] = ()
-    if config.prefixes:
-        with torch.no_grad(), base() as base_model:
-            prefixes = training_prefixes(base_model, tokenizer, config)
-    device = next(model.parameters()).device
-    return [prepare_chunk(tokenizer, g, config, prefixes, base, False, device) for g in groups]
-
-
 def _row_losses(model, batch: dict[str, torch.Tensor], rows: list[torch.Tensor],
                 margin: float) -> list[tuple[torch.Tensor, bool]]:
     """One forward of the merged batch; each edit's target loss over its own rows, and
     whether it is learnt."""
     where = predicted(batch["labels"])
-    at, targets = where.nonzero()[:, 0], next_labels(batch["labels"])[where]
+    at, targets = read_positions(where, batch["labels"])
     logits = logits_at(model, batch, where)
     out = []
     for mine in rows:
