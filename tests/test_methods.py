@@ -226,6 +226,9 @@ def test_bf16_training_runs_the_forward_in_bf16_and_keeps_fp32_weights(tiny_edit
 def test_bf16_training_forward_keeps_padding_masks_and_restores_the_model(tiny_editor):
     """Under `frozen_cast` (bf16 weight copies, SDPA switched to fp32) a left-padded short
     row gives the logits it gives alone, as in fp32; on exit the model is as it was."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from knowpatch.training import attention_implementation, autocast, frozen_cast
 
     model, tok = tiny_editor.model, tiny_editor.tokenizer
@@ -237,8 +240,17 @@ def test_bf16_training_forward_keeps_padding_masks_and_restores_the_model(tiny_e
     with torch.no_grad():
         ref = model(**batch).logits[:, -1].float()
         with frozen_cast(model, torch.bfloat16), autocast(model, torch.bfloat16):
-            assert attention_implementation(model) != implementation
-            low = model(**batch).logits[:, -1].float()
+            switched = attention_implementation(model)
+            assert switched != implementation
+            # the layers look the function up by that name at each forward: count the calls
+            calls = []
+            function = ALL_ATTENTION_FUNCTIONS[switched]
+            AttentionInterface.register(switched, lambda *a, **k: calls.append(1) or function(*a, **k))
+            try:
+                low = model(**batch).logits[:, -1].float()
+            finally:
+                AttentionInterface.register(switched, function)
+            assert len(calls) == model.config.num_hidden_layers
             low_alone = model(**alone).logits[:, -1].float()
     scale = ref.abs().max()
     assert (low - ref).abs().max() < 0.05 * scale
