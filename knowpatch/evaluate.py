@@ -100,7 +100,11 @@ class Forced:
 @torch.no_grad()
 def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]],
                    batch_size: int = 32) -> list[Forced]:
-    """Log-probability and argmax tokens of each completion after its prompt, batched."""
+    """Log-probability and argmax tokens of each completion after its prompt, batched.
+    Only the completion positions' logits are computed (`logits_at`): the output layer over
+    the whole vocabulary at every position was a sixth of a bench's scoring time."""
+    from .methods.common import logits_at  # methods import this module
+
     encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
     order = sorted(range(len(pairs)), key=lambda i: sum(map(len, encoded[i])))
     out: list[Forced | None] = [None] * len(pairs)
@@ -115,14 +119,21 @@ def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]],
             seq = encoded[i][0] + encoded[i][1]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for row, i in enumerate(chunk):
+        where = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, i in enumerate(chunk):  # the positions that predict the completion
             p_ids, t_ids = encoded[i]
-            pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids), device=logits.device)
+            where[row, len(p_ids) - 1: len(p_ids) - 1 + len(t_ids)] = True
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        logits = logits_at(model, batch, where.to(device)).float()  # (positions, vocab), by row
+        logp = torch.log_softmax(logits, dim=-1)
+        start = 0
+        for i in chunk:
+            t_ids = encoded[i][1]
+            span = slice(start, start + len(t_ids))
+            start += len(t_ids)
             tgt = torch.tensor(t_ids, device=logits.device)
-            lp = logp[row, pos].gather(-1, tgt.unsqueeze(-1)).sum()
-            out[i] = Forced(float(lp), logits[row, pos].argmax(-1).tolist(), t_ids)
+            lp = logp[span].gather(-1, tgt.unsqueeze(-1)).sum()
+            out[i] = Forced(float(lp), logits[span].argmax(-1).tolist(), t_ids)
     return out  # type: ignore[return-value]
 
 
