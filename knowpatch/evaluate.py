@@ -90,6 +90,43 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int
     return out
 
 
+def logits_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+    """The logits at the True positions of `where` (rows, width) only, row by row: (N, vocab).
+
+    A training forward reads the logits of a few target positions; the output layer over the
+    whole vocabulary at every position (SmolLM2: 49,152 × 576, a fifth of the forward) and
+    its backward are work thrown away. transformers' `logits_to_keep` (a boolean mask per
+    row) slices the hidden states before the output layer, and any final soft-capping still
+    runs; a model whose forward lacks it gets full logits, indexed here.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not _keeps_logits(model):
+        return model(**inputs).logits[where]
+    out = model(**inputs, logits_to_keep=where).logits
+    if out.dim() == 2 and out.shape[0] == int(where.sum()):
+        return out
+    if out.shape[:2] == where.shape:  # a forward that took the mask but kept every position
+        return out[where]
+    raise KnowpatchError(f"logits_to_keep: {type(model).__name__} returned logits of shape "
+                         f"{tuple(out.shape)} for a mask of shape {tuple(where.shape)}")
+
+
+def _keeps_logits(model) -> bool:
+    """Whether `model`'s forward (under any DDP-style `.module` wrappers) takes
+    `logits_to_keep`."""
+    import inspect
+
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    kind = type(model)
+    if kind not in _KEEPS:
+        _KEEPS[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _KEEPS[kind]
+
+
+_KEEPS: dict[type, bool] = {}
+
+
 @dataclass
 class Forced:
     logprob: float  # summed log-prob of the completion tokens
@@ -103,8 +140,6 @@ def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]],
     """Log-probability and argmax tokens of each completion after its prompt, batched.
     Only the completion positions' logits are computed (`logits_at`): the output layer over
     the whole vocabulary at every position was a sixth of a bench's scoring time."""
-    from .methods.common import logits_at  # methods import this module
-
     encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
     order = sorted(range(len(pairs)), key=lambda i: sum(map(len, encoded[i])))
     out: list[Forced | None] = [None] * len(pairs)

@@ -250,22 +250,23 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
         yield  # distributed (FSDP shards its weights): autocast casts as it goes
         return
     swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
-    attention: list[tuple[Any, str]] = []
+    switched: list[Any] = []  # configs whose attention was switched from sdpa
     try:
-        for module in _base_modules(model):
+        modules = list(_base_modules(model))
+        for module in modules:
             weight = getattr(module, "weight", None)
             if (not isinstance(module, torch.nn.Linear) or weight is None
                     or weight.requires_grad or weight.dtype == dtype):
                 continue
             swapped.append((module, weight))
             module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        attention = _fp32_attention(model)
+        switched = _fp32_attention(model, modules)
         yield
     finally:
         for module, weight in swapped:
             module.weight = weight
-        for config, implementation in attention:
-            config._attn_implementation = implementation
+        for config in switched:
+            config._attn_implementation = "sdpa"
 
 
 def _base_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -282,17 +283,18 @@ def _base_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 _FP32_SDPA = "knowpatch_sdpa_fp32"
 
 
-def _fp32_attention(model: torch.nn.Module) -> list[tuple[Any, str]]:
+def _fp32_attention(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[Any]:
     """Switch a CPU model's SDPA attention to one that runs in fp32 under bf16 autocast:
     torch's CPU flash kernel is ~3× slower in bf16 than in fp32 at an edit's sizes (its
-    backward above all), and attention is a small share of the products. Returns each
-    switched config with the implementation to restore (none: nothing switched). Uses
+    backward above all), and attention is a small share of the products. Returns the
+    switched configs, to be set back to sdpa (none: nothing switched). Uses
     transformers' `AttentionInterface` (a registered implementation, chosen by name).
 
-    The name is set on the configs of the model's own submodels, found without entering
-    LoRA's layers: `set_attn_implementation` walks every module, and with N adapters loaded
-    that walk grew each edit's time with the store (at 250 adapters, half of the 0.11 s the
-    cast took, profiled on a 1,000-edit run)."""
+    The name is set on the configs of the model's own submodels, found in `modules` (the
+    model's modules outside LoRA's layers, the walk the weight cast made):
+    `set_attn_implementation` walks every module, and with N adapters loaded that walk grew
+    each edit's time with the store (at 250 adapters, half of the 0.11 s the cast took,
+    profiled on a 1,000-edit run)."""
     from transformers import PreTrainedModel
 
     hf = model.module if hasattr(model, "module") else model
@@ -300,7 +302,7 @@ def _fp32_attention(model: torch.nn.Module) -> list[tuple[Any, str]]:
     if (attention_implementation(hf) != "sdpa" or not isinstance(hf, PreTrainedModel)
             or next(hf.parameters()).device.type != "cpu"):
         return []
-    configs = {id(m.config): m.config for m in _base_modules(hf) if isinstance(m, PreTrainedModel)}
+    configs = {id(m.config): m.config for m in modules if isinstance(m, PreTrainedModel)}
     if any(getattr(c, k, None) is not None for c in configs.values() for k in c.sub_configs):
         return []  # a composite model (sub-configs): left as it is, attention runs in bf16
     from transformers import AttentionInterface
@@ -308,8 +310,8 @@ def _fp32_attention(model: torch.nn.Module) -> list[tuple[Any, str]]:
 
     AttentionInterface.register(_FP32_SDPA, _sdpa_in_fp32)
     AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)  # the masks SDPA takes
-    switched = [(c, "sdpa") for c in configs.values() if c._attn_implementation == "sdpa"]
-    for config, _ in switched:
+    switched = [c for c in configs.values() if c._attn_implementation == "sdpa"]
+    for config in switched:
         config._attn_implementation = _FP32_SDPA
     return switched
 

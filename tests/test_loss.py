@@ -41,7 +41,8 @@ def test_target_loss_matches_hand_computation():
 def test_logits_read_only_where_a_loss_reads_them_give_the_same_loss_and_gradient(tiny_editor):
     # the training step asks the model for the target positions' logits only (plus an
     # anchor's last token); loss, gap and gradients must equal the full-logits computation
-    from knowpatch.methods.common import logits_at, next_labels, predicted, token_loss
+    from knowpatch.evaluate import logits_at
+    from knowpatch.methods.common import next_labels, predicted, token_loss
 
     model, tok = tiny_editor.model, tiny_editor.tokenizer
     rows = [Example(tok("The Eiffel Tower is in")["input_ids"], tok(" Rome city")["input_ids"]),

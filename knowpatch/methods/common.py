@@ -186,43 +186,6 @@ def read_positions(where: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return where.nonzero()[:, 0], next_labels(labels)[where]
 
 
-def logits_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
-    """The logits at the True positions of `where` (rows, width) only, row by row: (N, vocab).
-
-    A training forward reads the logits of a few target positions; the output layer over the
-    whole vocabulary at every position (SmolLM2: 49,152 × 576, a fifth of the forward) and
-    its backward are work thrown away. transformers' `logits_to_keep` (a boolean mask per
-    row) slices the hidden states before the output layer, and any final soft-capping still
-    runs; a model whose forward lacks it gets full logits, indexed here.
-    """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if not _keeps_logits(model):
-        return model(**inputs).logits[where]
-    out = model(**inputs, logits_to_keep=where).logits
-    if out.dim() == 2 and out.shape[0] == int(where.sum()):
-        return out
-    if out.shape[:2] == where.shape:  # a forward that took the mask but kept every position
-        return out[where]
-    raise KnowpatchError(f"logits_to_keep: {type(model).__name__} returned logits of shape "
-                         f"{tuple(out.shape)} for a mask of shape {tuple(where.shape)}")
-
-
-def _keeps_logits(model) -> bool:
-    """Whether `model`'s forward (under any DDP-style `.module` wrappers) takes
-    `logits_to_keep`."""
-    import inspect
-
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    kind = type(model)
-    if kind not in _KEEPS:
-        _KEEPS[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return _KEEPS[kind]
-
-
-_KEEPS: dict[type, bool] = {}
-
-
 def last_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token log-probs after each row's last real token (right-padded batch)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import logits_at
 from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
 from . import full_sft
 from .common import (
     Example,
     collate,
-    logits_at,
     lora_config,
     predicted,
     read_positions,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..evaluate import logits_at
 from ..requests import EditRequest
 from ..training import LoopResult, LoopSettings, StepOutput, phase, precision_name, run_loop, training_dtype
 from .common import (
@@ -24,7 +25,6 @@ from .common import (
     keep_examples,
     kl_to_reference,
     last_token_logprobs,
-    logits_at,
     predicted,
     read_positions,
     token_loss,

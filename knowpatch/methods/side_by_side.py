@@ -25,9 +25,10 @@ import torch
 
 from ..adapters import AdapterBank, RowPlan
 from ..errors import KnowpatchError
+from ..evaluate import logits_at
 from ..requests import EditRequest
 from ..training import LoopResult, autocast, frozen_cast, precision_name, training_dtype
-from .common import IGNORE, logits_at, predicted, read_positions, token_loss
+from .common import IGNORE, predicted, read_positions, token_loss
 from .sft import Chunk, prepare_chunks
 
 
