@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,10 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
     weights and LoRA's own layers. An output layer tied to the input embeddings gets its
     own copy (the embeddings keep theirs, in the model's dtype) and is tied again on exit.
     Written by hand: autocast has no option to cache casts of frozen weights.
+
+    The copies are kept between runs (`_cast_of`): casting them again at every edit was a
+    sixth of a Gemma edit (its tied 262k-token output layer) and grew SmolLM2's edits too.
+    They cost 2 bytes per frozen linear weight for as long as the model lives.
     """
     if dtype is None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         yield  # distributed (FSDP shards its weights): autocast casts as it goes
@@ -259,7 +264,7 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
                     or weight.requires_grad or weight.dtype == dtype):
                 continue
             swapped.append((module, weight))
-            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            module.weight = _cast_of(weight, dtype)
         switched = _fp32_attention(model, modules)
         yield
     finally:
@@ -267,6 +272,22 @@ def frozen_cast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[N
             module.weight = weight
         for config in switched:
             config._attn_implementation = "sdpa"
+
+
+# a frozen weight -> (its version when cast, its cast copy); an entry goes with its weight
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cast_of(weight: torch.nn.Parameter, dtype: torch.dtype) -> torch.nn.Parameter:
+    """`weight` as a frozen `dtype` copy, made again only when the weight has changed since
+    (torch counts in-place writes in `_version`: a weight delta applied or removed, a
+    full-SFT restore) or a copy of another dtype is asked for."""
+    kept = _CASTS.get(weight)
+    if kept is not None and kept[0] == weight._version and kept[1].dtype == dtype:
+        return kept[1]
+    copy = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    _CASTS[weight] = (weight._version, copy)
+    return copy
 
 
 def _base_modules(module: torch.nn.Module) -> Iterator[torch.nn.Module]:

@@ -257,3 +257,28 @@ def test_bf16_training_forward_keeps_padding_masks_and_restores_the_model(tiny_e
     assert (low[1] - low_alone[0]).abs().max() < 0.05 * scale
     assert attention_implementation(model) == implementation
     assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+def test_bf16_weight_copies_are_kept_between_runs_until_the_weight_changes(tiny_editor):
+    """The frozen weights' bf16 copies are made once and reused by the next training run;
+    a weight written in place since (a delta applied, a restore) gets a fresh copy."""
+    from knowpatch.training import frozen_cast
+
+    layer = tiny_editor.model.model.layers[0].mlp.down_proj
+    weight = layer.weight
+    with frozen_cast(tiny_editor.model, torch.bfloat16):
+        first = layer.weight
+    with frozen_cast(tiny_editor.model, torch.bfloat16):
+        second = layer.weight
+    assert first.dtype == torch.bfloat16 and second is first
+    assert layer.weight is weight
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        with frozen_cast(tiny_editor.model, torch.bfloat16):
+            third = layer.weight
+        assert third is not first
+        assert torch.equal(third, weight.detach().to(torch.bfloat16))
+    finally:
+        with torch.no_grad():
+            weight.sub_(1.0)
