@@ -135,11 +135,12 @@ class Placement:
         that is 1 at the tokens where the router found the subject (gate subject) or at the
         query's last token (gate last); the cached generation steps that patches with a
         limit act in; the patches the base model takes over from."""
-        rows = {}
-        for p in keyed:
-            fired = [i for i, r in enumerate(routes) if p in r.fired]
-            if fired:
-                rows[p] = torch.tensor(fired, dtype=torch.long, device=device)
+        fired: dict[str, list[int]] = {}  # from the routes: a pass over every keyed patch per
+        for i, r in enumerate(routes):   # row grew with the store
+            for p in r.fired:
+                fired.setdefault(p, []).append(i)
+        rows = {p: torch.tensor(fired[p], dtype=torch.long, device=device)
+                for p in keyed if p in fired}
         gates = {}
         for p in rows if columns is not None else ():
             if p in self.gated:

@@ -214,16 +214,16 @@ class Editor:
         names = list(self._applied) if patches is None else [
             self._load(self._as_patch(p)) for p in patches]
         try:
-            return self.decide([prompt_ids(self.tokenizer, p) for p in prompts], names)[0]
+            return self.decide([prompt_ids(self.tokenizer, p) for p in prompts], names, run=False)[0]
         finally:
             self._activate(self._applied)
 
     def decide(self, rows: list[list[int]], candidates: list[str],
-               columns: list[torch.Tensor] | None = None, width: int = -1
-               ) -> tuple[list[Route], RowPlan]:
-        """Route token-id rows (no padding) among `candidates`: the routes, and the plan
-        that runs each fired adapter on its rows. Unkeyed candidates are left active on
-        every row. `columns[r]`: where row r's tokens sit in a batch of `width` (for gates)."""
+               columns: list[torch.Tensor] | None = None, width: int = -1, run: bool = True
+               ) -> tuple[list[Route], RowPlan | None]:
+        """Route token-id rows (no padding) among `candidates`: the routes, and (`run`) the
+        plan that runs each fired adapter on its rows, paged ones read in. Unkeyed candidates
+        stay active on every row. `columns[r]`: where row r's tokens sit in a batch of `width`."""
         keyed = [c for c in candidates if c in self.router]
         routes = [Route([], {}) for _ in rows]
         if keyed:  # the router reads the base model, as the keys were read
@@ -231,9 +231,9 @@ class Editor:
             self.adapters.activate([])
             routes = self.router.route_rows(self.model, rows, self.tokenizer.bos_token_id,
                                             keyed, locate=self.placement.gated)
-            self.pager.need({p for r in routes for p in r.fired})
+            self.pager.need({p for r in routes for p in r.fired}) if run else None
         self._activate([c for c in candidates if c not in self.router])
-        return routes, self.placement.plan(routes, keyed, columns, width, self.device)
+        return routes, self.placement.plan(routes, keyed, columns, width, self.device) if run else None
 
     def generate(self, prompts: str | Sequence[str], *, patches=None,
                  max_new_tokens: int = 20) -> list[str]:

@@ -42,6 +42,9 @@ def test_paged_store_answers_as_if_every_patch_were_resident(tiny_dir, tmp_path)
     pager = paged.pager
     assert pager.resident() == [] and len(pager.patches) == 5  # loaded: keys only
     assert all(isinstance(paged.applied[k].weights, OnDisk) for k in range(5))
+    # deciding only (route) reads nothing in, and decides as the resident store does
+    assert [r.fired for r in paged.route(PROMPTS)] == [r.fired for r in full.route(PROMPTS, ids)]
+    assert pager.reads == 0 and pager.resident() == []
     # a batch that fires more patches than fit: all read in for it, answers unchanged
     assert paged.generate(PROMPTS, max_new_tokens=4) == expected
     assert pager.reads == 5

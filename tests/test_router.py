@@ -196,7 +196,8 @@ def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
                                    "1", "--out", str(tmp_path / "paged")])
     assert res.exit_code == 0, res.stderr
     paged = json.loads((tmp_path / "paged" / "router_report.json").read_text())["rows"][-1]
-    assert paged["resident"] == 1 and paged["pager_reads"] >= 3
+    # the 4 timed queries fire two patches, read in; deciding recall and false fires reads none
+    assert paged["resident"] == 1 and paged["pager_reads"] == 2
     for key in ("router_recall", "neighbour_fires_any_patch", "paraphrase_fires_other_patch"):
         assert paged[key] == last[key]
 
