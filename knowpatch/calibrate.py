@@ -86,7 +86,7 @@ def calibrate(editor, data: str, n: int, layers: list[int] | None = None,
                 if keys is not None:
                     router.add(f"r{i}", keys, layer, 0.0)
             hidden = hidden_rows(base, rows, layer, tok.bos_token_id)
-            scored = router.score_rows([{layer: h} for h in hidden])
+            scored = router.score_rows([{layer: h} for h in hidden], keep=None)
             pos, neg = [], []
             for (i, kind, text), (scores, _) in zip(probes, scored):
                 own = scores.get(f"r{i}")

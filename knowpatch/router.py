@@ -36,6 +36,10 @@ from .models import decoder_layers
 
 ROW_CHUNK = 64
 """Query rows scored in one product (bounds its memory: rows × positions × keys)."""
+SCORES_KEPT = 16
+"""A route keeps the scores of the patches it fires and of its best SCORES_KEPT others (every
+score of every row is rows × store floats: at 10,000 patches, 20,000 routed prompts held
+200 M of them, over 8 GB)."""
 
 
 class _Stop(Exception):
@@ -183,7 +187,8 @@ class Entry:
 
 @dataclass
 class Route:
-    """The routing decision for one query: the patches it fires, with every score."""
+    """The routing decision for one query: the patches it fires, with their scores and the
+    best `SCORES_KEPT` others'."""
 
     fired: list[str]
     scores: dict[str, float]
@@ -308,13 +313,14 @@ class Router:
     def score(self, hidden: dict[int, torch.Tensor], candidates: list[str] | None = None
               ) -> dict[str, float]:
         """Score of every candidate patch for one query, from its hidden states per layer."""
-        return self.score_rows([hidden], candidates)[0][0]
+        return self.score_rows([hidden], candidates, keep=None)[0][0]
 
-    def score_rows(self, hidden: list[dict[int, torch.Tensor]], candidates: list[str] | None = None
-                   ) -> list[tuple[dict[str, float], list[str]]]:
+    def score_rows(self, hidden: list[dict[int, torch.Tensor]], candidates: list[str] | None = None,
+                   keep: int | None = SCORES_KEPT) -> list[tuple[dict[str, float], list[str]]]:
         """`score` for many queries at once, and the patches each fires: one padded
         product per layer against every key (written by hand, vectorised over rows: the
-        store-sized part of a routed query)."""
+        store-sized part of a routed query). Each row keeps the scores of the patches it
+        fires and of its best `keep` others (None: every score)."""
         candidates = tuple(self.entries if candidates is None else candidates)
         out: list[tuple[dict[str, float], list[str]]] = [({}, []) for _ in hidden]
         layers = sorted({layer for h in hidden for layer in h})
@@ -324,11 +330,11 @@ class Router:
                 continue
             present = [r for r, h in enumerate(hidden) if layer in h and h[layer].shape[0] > 0]
             for start in range(0, len(present), ROW_CHUNK):
-                self._score_chunk(hidden, present[start:start + ROW_CHUNK], layer, tables, out)
+                self._score_chunk(hidden, present[start:start + ROW_CHUNK], layer, tables, out, keep)
         return out
 
     @staticmethod
-    def _score_chunk(hidden, rows: list[int], layer: int, tables, out) -> None:
+    def _score_chunk(hidden, rows: list[int], layer: int, tables, out, keep: int | None) -> None:
         """score_rows for `rows` (all with tokens at `layer`), into `out`."""
         entries, keys, variant, variant_patch, thresholds = tables
         width = max(hidden[r][layer].shape[0] for r in rows)
@@ -345,14 +351,17 @@ class Router:
         per_patch = torch.full((len(rows), len(entries)), -float("inf")).scatter_reduce(
             1, variant_patch.expand(len(rows), -1), per_variant, "amax")
         fires = per_patch >= thresholds
+        best = per_patch.topk(min(len(entries) if keep is None else keep, len(entries)), dim=1).indices
         ids = [e.patch_id for e in entries]
         for i, r in enumerate(rows):
             scores, fired = out[r]
-            scores.update(zip(ids, per_patch[i].tolist()))
-            fired += [ids[j] for j in fires[i].nonzero().flatten().tolist()]
+            now = fires[i].nonzero().flatten().tolist()
+            kept = best[i].tolist() + now
+            scores.update(zip([ids[j] for j in kept], per_patch[i, kept].tolist()))
+            fired += [ids[j] for j in now]
 
     def decide(self, scores: dict[str, float], fired: list[str] | None = None) -> Route:
-        """The route from every candidate's score (`fired`: those at or above their
+        """The route from the candidates' scores (`fired`: those at or above their
         threshold, when already known)."""
         if fired is None:
             fired = [p for p, s in scores.items() if s >= self.entries[p].threshold]

@@ -231,7 +231,7 @@ class Api:
         return await self.serve(body, [text], chat=True)
 
     async def route(self, body: RouteBody) -> dict:
-        """How the router decides for one prompt: fired patches and every candidate's score."""
+        """How the router decides for one prompt: fired patches and the best candidates' scores."""
         patches = self.patches_of(body)
         routes = await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.engine.call(lambda: self.editor.route(body.prompt, patches)))

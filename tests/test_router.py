@@ -335,14 +335,20 @@ def test_rows_scored_together_match_rows_scored_one_by_one():
                    threshold=0.3 + 0.01 * i)
     # 70 rows: more than one chunk of ROW_CHUNK rows per product
     hidden = [{1: torch.randn(t, 8), 2: torch.randn(t, 8)} for t in (1, 5, 9, 0, 3) * 14]
-    together = router.score_rows(hidden)
+    together = router.score_rows(hidden, keep=None)
+    kept = router.score_rows(hidden, keep=3)  # the default keeps 16 of the 30
     fired_any = 0
-    for h, (scores, fired) in zip(hidden, together):
+    for h, (scores, fired), (few, fired_few) in zip(hidden, together, kept):
         alone = router.score(h)
         assert scores.keys() == alone.keys()
         for p in alone:
             assert scores[p] == pytest.approx(alone[p], abs=1e-6)
         assert router.decide(scores, fired).fired == router.decide(alone).fired
+        # keep=3: the same fires; the fired patches' scores and each layer's 3 best, exact
+        assert fired_few == fired
+        assert set(fired) <= set(few) and len(few) <= len(set(fired)) + 3 * 2
+        assert (not alone) or max(alone, key=alone.get) in few
+        assert all(few[p] == pytest.approx(alone[p], abs=1e-6) for p in few)
         fired_any += len(fired)
     assert fired_any > 0  # the thresholds let some fire: the comparison covers fired patches
 
