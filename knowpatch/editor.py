@@ -39,7 +39,7 @@ from .paging import Pager
 from .patches import Patch, PatchStore, new_patch_id
 from .preferences import edit_preferences
 from .requests import EditRequest, as_requests, check_all_fit, encode_completion
-from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys
+from .router import Route, Router, canonical_tokens, compute_keys, fact_of, merge_keys, word_edges
 from .subjects import with_subjects
 from .training import clocked, is_main_process, phase
 
@@ -59,7 +59,7 @@ class Editor:
             PatchStore(store) if store else PatchStore(knowpatch_home() / "patches"))
         self.progress = progress
         self.routing = True  # route keyed patches per query (False: all act on every query)
-        self.router = Router(canonical=canonical_tokens(tokenizer))
+        self.router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer))
         self.adapters = AdapterBank(model)
         self.deltas = DeltaBank(model)
         self._loaded: dict[str, Patch] = {}  # patches in a bank

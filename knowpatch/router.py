@@ -169,6 +169,25 @@ def canonical_tokens(tokenizer) -> dict[int, int]:
 _CANONICAL: dict[tuple[str, int], dict[int, int]] = {}  # per tokenizer (0.4 s to build)
 
 
+def word_edges(tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """(tokens whose text opens with a letter or digit — no space before it —, tokens whose
+    text ends with one): where the first kind follows the second, the two spell one word."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _EDGES:
+        opens, ends = set(), set()
+        for token, i in tokenizer.get_vocab().items():
+            text = tokenizer.convert_tokens_to_string([token])
+            if text[:1].isalnum():
+                opens.add(i)
+            if text[-1:].isalnum():
+                ends.add(i)
+        _EDGES[key] = (frozenset(opens), frozenset(ends))
+    return _EDGES[key]
+
+
+_EDGES: dict[tuple[str, int], tuple[frozenset[int], frozenset[int]]] = {}
+
+
 @dataclass
 class Entry:
     patch_id: str
@@ -178,9 +197,9 @@ class Entry:
     threshold: float
     facts: frozenset[str] = frozenset()
     order: int = 0
-    spellings: tuple[frozenset[int], ...] | None = None
-    """Per key variant, the token ids of its subject (None: keys without token ids, from
-    patches made before the index: always a candidate)."""
+    spellings: tuple[tuple[int, ...], ...] | None = None
+    """Per key variant, the canonical token ids of its subject in order (None: keys without
+    token ids, from patches made before the index: always a candidate)."""
     filed: frozenset[int] = frozenset()
     """The tokens the index files this patch under (one per variant)."""
 
@@ -206,19 +225,23 @@ def fact_of(req) -> str:
 class Router:
     """Keys of many patches; routes token-id rows to the patches they concern."""
 
-    def __init__(self, index: bool = True, canonical: dict[int, int] | None = None) -> None:
+    def __init__(self, index: bool = True, canonical: dict[int, int] | None = None,
+                 edges: tuple[frozenset[int], frozenset[int]] | None = None) -> None:
         self.entries: dict[str, Entry] = {}
         self._counter = 0
         self._cache: dict[int, tuple] = {}
         self.index = index
-        """Score a query only against patches all of whose subject tokens (of some key
-        variant) occur in it; False: against every patch (exhaustive)."""
+        """Score a query only against patches whose subject (the tokens of some key variant)
+        it spells as a whole word sequence; False: against every patch (exhaustive)."""
         self._postings: dict[int, set[str]] = {}  # token id -> patches with a variant filed under it
         self._unindexed: set[str] = set()  # patches without token ids: always candidates
         self.canonical = canonical or {}
         """token id -> the id of the same word without its leading space and in lower case
         (see `canonical_tokens`): " Eiffel" at mid-sentence and "Eiffel" opening a query
         count as the same token for the index."""
+        self.opens, self.ends = edges or (frozenset(), frozenset())
+        """See `word_edges`: a subject spelled inside a longer word ("Re" of "Reuchlin",
+        "5" of "952") is no match for the index."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -234,7 +257,7 @@ class Router:
         if "tokens" in keys:
             variant, tokens = keys["variant"].tolist(), keys["tokens"].tolist()
             same = self.canonical.get
-            spellings = tuple(frozenset(same(t, t) for t, v in zip(tokens, variant) if v == k)
+            spellings = tuple(tuple(same(t, t) for t, v in zip(tokens, variant) if v == k)
                               for k in sorted(set(variant)))
         filed = frozenset(self._filing_tokens(spellings or ()))
         self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
@@ -249,7 +272,7 @@ class Router:
     def _filing_tokens(self, spellings) -> set[int]:
         """One token per key variant (the one with the fewest patches filed under it when
         the patch is added): a query that holds all of a variant's tokens holds that one."""
-        return {min(sorted(v), key=lambda t: len(self._postings.get(t, ())))
+        return {min(sorted(set(v)), key=lambda t: len(self._postings.get(t, ())))
                 for v in spellings if v}
 
     def remove(self, patch_id: str) -> None:
@@ -262,14 +285,33 @@ class Router:
 
     def candidates(self, row: list[int], among: Collection[str] | None = None) -> set[str]:
         """The patches a query of token ids `row` may fire under the index: those with a key
-        variant all of whose subject tokens occur in the row (and patches without token ids)."""
-        present = {self.canonical.get(t, t) for t in row}
+        variant whose subject tokens the row holds in order, one after the other, not inside a
+        longer word (and patches without token ids). Without this, "Re!" (keyed at "Re")
+        fired on "Reuchlin" and "Revenge", "Bundesautobahn 5" on "Bundesautobahn 952", "The
+        Motors" on "Then, the British team … Pak Suzuki Motors"."""
+        canon = [self.canonical.get(t, t) for t in row]
+        present = set(canon)
         out = set(self._unindexed)
         for token in present:
             for p in self._postings.get(token, ()):
-                if any(v <= present for v in self.entries[p].spellings):
+                if p not in out and any(set(v) <= present and self._spells(row, canon, v)
+                                        for v in self.entries[p].spellings):
                     out.add(p)
         return out if among is None else out & set(among)
+
+    def _spells(self, row: list[int], canon: list[int], subject: tuple[int, ...]) -> bool:
+        """Whether `row` (canonical: `canon`) holds `subject` as consecutive tokens that
+        neither continue the word before them nor run on into the word after them."""
+        n = len(subject)
+        for i in range(len(row) - n + 1):
+            if tuple(canon[i:i + n]) != subject:
+                continue
+            j = i + n
+            glued_before = i > 0 and row[i - 1] in self.ends and row[i] in self.opens
+            glued_after = j < len(row) and row[j - 1] in self.ends and row[j] in self.opens
+            if not (glued_before or glued_after):
+                return True
+        return False
 
     def superseded(self) -> dict[str, str]:
         """Patches every fact of which a newer patch rewrites: {old id: newest such id}."""

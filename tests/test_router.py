@@ -582,6 +582,40 @@ def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
     assert router.candidates(rows[0]) == {b.id}
 
 
+def test_token_index_wants_the_subject_spelled_whole_and_in_order(tiny_editor):
+    """A patch is a candidate only where the query holds its subject's tokens one after the
+    other, not inside a longer word: the false fires that bench-router found at 1,000 real
+    CounterFact keys ("Re!" keyed at "Re" fired on "Reuchlin"; "Bundesautobahn 5" on
+    "Bundesautobahn 952"; "The Motors" on a query with "the" and "Motors" apart)."""
+    from knowpatch.router import canonical_tokens, word_edges
+
+    tok = tiny_editor.tokenizer
+    router = Router(canonical=canonical_tokens(tok), edges=word_edges(tok))
+
+    def add(name: str, subject_text: str, prompt: str) -> None:
+        ids, span = subject_token_span(tok, prompt, subject_text)
+        tokens = torch.tensor([ids[i] for i in span])
+        router.add(name, {"keys": torch.nn.functional.normalize(torch.randn(len(span), 8), dim=-1),
+                          "variant": torch.zeros(len(span), dtype=torch.long), "tokens": tokens}, 1, 0.75)
+
+    add("re", "Re!", "Re! was written in")
+    add("autobahn", "Bundesautobahn 5", "Bundesautobahn 5 is owned by")
+    add("motors", "The Motors", "The Motors is owned by")
+
+    def cands(text: str) -> list[str]:
+        return sorted(router.candidates(tok(text)["input_ids"]))
+
+    assert cands("Re! is a magazine from") == ["re"]
+    assert cands("The language used by Johann Reuchlin is") == []
+    assert cands("The language of Star Wars: Episode III – Revenge of the Sith is") == []
+    assert cands("Bundesautobahn 5 runs through") == ["autobahn"]
+    assert cands("Bundesautobahn 952, by") == []
+    assert cands("the motors of the band") == ["motors"]  # case and leading space: one word
+    assert cands("Then, the British team … Pak Suzuki Motors is owned by") == []
+    router.opens = router.ends = frozenset()  # without the word rule, "Re" is in "Reuchlin"
+    assert cands("The language used by Johann Reuchlin is") == ["re"]
+
+
 def test_calibrate_measures_each_layer_and_writes_a_config(tiny_dir, tmp_path):
     import json
 
