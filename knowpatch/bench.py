@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 STRATEGIES = ("stack", "shared", "routed")
-SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "mention", "multihop")
+SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "mention", "multihop",
+                              "fluency_told", "rep_told", "mention_told")
 SCORE_CHUNK = 16
 """Cases scored in one `evaluate` call when a whole run is scored at once (the unedited
 baseline and the re-scoring after the last edit of a sequential run): their prompts run in
@@ -67,6 +68,11 @@ class BenchSettings:
     parallel: int = 1
     """Sequential mode (stack, routed), LoRA SFT: edits trained side by side, k at a time
     (`Editor.edit_many`); each is then saved and scored as if trained alone."""
+    told: bool = False
+    """Also sample the unedited model's fluency texts with the new fact stated first ("<edit
+    prompt> <new target>. " before each generation prompt, the same random streams):
+    `fluency_told`, `rep_told`, `mention_told` of the new target in the baseline — what the
+    base model writes when it holds the new fact, the reference for an edited model's rep."""
     method_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +91,9 @@ class BenchSettings:
             raise KnowpatchError(f"fluency_every: must be ≥ 0 (got {self.fluency_every})")
         if self.parallel < 1:
             raise KnowpatchError(f"parallel: must be ≥ 1 (got {self.parallel})")
+        if self.told and self.chat_template:
+            raise KnowpatchError("told: the fact stated before a chat-template prompt is not "
+                                 "that prompt's context; use it without --chat-template")
         if self.parallel > 1 and (self.mode != "sequential" or self.strategy == "shared"
                                   or self.method != "lora-sft"):
             raise KnowpatchError("parallel: edits side by side need --mode sequential, "
@@ -111,6 +120,11 @@ def with_chat_template(tokenizer, case: Case) -> Case:
                    generation_prompts=[wrap(p) for p in case.generation_prompts])
 
 
+def told_context(case: Case) -> str:
+    """The case's new facts stated, to put before a prompt: "<edit prompt> <new target>. "."""
+    return "".join(f"{r.prompt.strip()} {r.target_new.strip()}. " for r in case.requests)
+
+
 def multihop_correct(model, tokenizer, probes: list[PortabilityProbe]) -> float | None:
     """MQuAKE: 100 if any of the case's questions is answered with the new answer/alias."""
     if not probes:
@@ -128,6 +142,8 @@ class Bench:
                  baselines: BaselineCache | None = None):
         self.editor = editor
         self.baselines = baselines  # None: the unedited model is scored afresh
+        if baselines is not None and settings.told:  # stored baselines without told texts differ
+            baselines.context["told"] = True
         self.s = settings
         self.out = Path(out)
         self.keep = keep_patches or settings.mode == "sequential"
@@ -149,8 +165,9 @@ class Bench:
         key = {**asdict(self.s), "data": str(Path(self.s.data).resolve()),
                "model": self.editor.model_name, "fingerprint": self.editor.fingerprint,
                "method_settings": resolved}
-        if key["parallel"] == 1:  # as runs made before the setting existed recorded it
-            del key["parallel"]
+        for name, default in (("parallel", 1), ("told", False)):
+            if key[name] == default:  # as runs made before the setting existed recorded it
+                del key[name]
         return key
 
     def _check_resume(self) -> list[dict[str, Any]]:
@@ -219,7 +236,9 @@ class Bench:
         requests = [r for c in chunk for r in c.requests]
         ref = None if refs is None else _join_refs([refs[c.case_id] for c in chunk])
         ev = evaluate(model, tokenizer, requests, ref)
-        texts = iter(self._samples(model, [c for c, f in zip(chunk, flags) if f]))
+        sampled = [c for c, f in zip(chunk, flags) if f]
+        texts = iter(self._samples(model, sampled))
+        told = iter(self._samples(model, sampled, told=True) if refs is None and self.s.told else [])
         out, i = [], 0
         for case, fluency_on in zip(chunk, flags):
             n = len(case.requests)
@@ -227,16 +246,19 @@ class Bench:
             scores["multihop"] = multihop_correct(model, tokenizer, case.multihop)
             if fluency_on:
                 scores.update(self._fluency(case, next(texts), refs is None))
+                scores.update(self._told(case, next(told, None)))
             else:
                 scores["fluency"] = scores["rep"] = scores["mention"] = None
             out.append((scores, _slice_ref(ev.reference, i, i + n)))
             i += n
         return out
 
-    def _samples(self, model, cases: list[Case]) -> list[list[str]]:
+    def _samples(self, model, cases: list[Case], told: bool = False) -> list[list[str]]:
         """Each case's texts sampled from its generation prompts, all in one batched call
-        (each text has its own random stream: the same as sampled case by case)."""
-        prompts = [p for c in cases for p in c.generation_prompts]
+        (each text has its own random stream: the same as sampled case by case). `told`: each
+        prompt after the case's new facts stated ("<edit prompt> <new target>. "), with the
+        streams of the prompts alone."""
+        prompts = [(told_context(c) if told else "") + p for c in cases for p in c.generation_prompts]
         streams = [g for c in cases for g in RowSampler.streams(c.generation_prompts, self.s.seed)]
         texts = sample(model, self.editor.tokenizer, prompts, streams=streams) if prompts else []
         out, i = [], 0
@@ -254,6 +276,16 @@ class Bench:
         return {"fluency": mean_fluency(texts), "rep": repetition(texts, answers),
                 "mention": repetition(texts, answers, times=1),
                 "fluency_texts": [t[:400] for t in texts[:2]]}
+
+    @staticmethod
+    def _told(case: Case, texts: list[str] | None) -> dict[str, Any]:
+        """fluency, rep and mention of the new target in the texts the unedited model wrote
+        told the new facts (nothing when they were not sampled)."""
+        if texts is None:
+            return {}
+        answers = [r.target_new for r in case.requests]
+        return {"fluency_told": mean_fluency(texts), "rep_told": repetition(texts, answers),
+                "mention_told": repetition(texts, answers, times=1)}
 
     def edit_records(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
         started = time.perf_counter()
@@ -598,6 +630,10 @@ def writing(rows: list[dict[str, Any]], report: dict[str, Any], k: int = 5) -> s
         out.append(f"Fluency {s['fluency']:.2f} against {b['fluency']:.2f} unedited "
                    f"({100 * ratio:.0f} %): {flag}; rep {s.get('rep')} % against "
                    f"{b.get('rep')} % unedited.\n")
+    if b.get("rep_told") is not None:
+        out.append(f"The unedited model told the new fact (`--told`): rep {b['rep_told']} %, "
+                   f"mention {b.get('mention_told')} %, fluency {_fmt(b.get('fluency_told'))} "
+                   f"(edited: rep {s.get('rep')} %, mention {s.get('mention')} %).\n")
     scored = [(r, r.get("final") or r["scores"]) for r in rows]
     lowest = sorted([x for x in scored if x[1].get("fluency") is not None],
                     key=lambda x: x[1]["fluency"])[:k]

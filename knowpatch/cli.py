@@ -516,6 +516,11 @@ def bench(
                                  "save and score each as if trained alone."),
     keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
                                       "in OUT/patches."),
+    told: bool = typer.Option(False, "--told", help="Also sample the unedited model's fluency "
+                              "texts with the new fact stated first ('<prompt> <new target>. ' "
+                              "before each generation prompt): rep_told, mention_told and "
+                              "fluency_told in the baseline, what the base model writes when "
+                              "it holds the new fact — the reference for the edited rep."),
     fresh_baseline: bool = typer.Option(False, "--fresh-baseline", help="Score the unedited "
                                         "model afresh instead of reusing the scores an earlier "
                                         "run stored for the same cases, model, seed and code "
@@ -532,12 +537,12 @@ def bench(
     _setup_logging(verbose)
     _run(_bench, data, out, method, mode, n, fmt, batch_size, strategy, chat_template,
          fluency_every, seed, keep_patches, config, model, device, dtype, overrides, score_every,
-         resident, parallel, fresh_baseline)
+         resident, parallel, fresh_baseline, told)
 
 
 def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_template,
            fluency_every, seed, keep_patches, config, model, device, dtype, overrides,
-           score_every=1, resident=None, parallel=1, fresh_baseline=False) -> None:
+           score_every=1, resident=None, parallel=1, fresh_baseline=False, told=False) -> None:
     from .baselines import BaselineCache
     from .bench import Bench, BenchSettings, markdown
     from .config import build_config
@@ -552,7 +557,7 @@ def _bench(data, out_dir, method, mode, n, fmt, batch_size, strategy, chat_templ
     settings = BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
                              batch_size=batch_size, strategy=strategy, chat_template=chat_template,
                              fluency_every=fluency_every, seed=seed, method_config=values,
-                             score_every=score_every, parallel=parallel)
+                             score_every=score_every, parallel=parallel, told=told)
     editor = _editor(model, device, dtype, None, resident)
     cache = None if fresh_baseline else BaselineCache(editor, seed)
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches, baselines=cache).run()

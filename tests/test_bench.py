@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from knowpatch import KnowpatchError
@@ -292,3 +293,40 @@ def test_batch_mode_with_method_auto_records_what_it_chose(tiny_editor, tmp_path
     from knowpatch.training import cpu_has_bf16
 
     assert report["precision"] == ["bf16" if cpu_has_bf16() else "fp32"]
+
+
+def test_told_baseline_samples_the_unedited_model_with_the_new_fact_stated(tiny_editor, tmp_path,
+                                                                           monkeypatch):
+    """--told: the unedited model's fluency texts are sampled again with "<prompt> <new
+    target>. " before each generation prompt, from the same random streams, and their rep,
+    mention and fluency of the new target sit in the baseline (the edited model has none)."""
+    import knowpatch.bench as bench_module
+    from knowpatch.datasets import load_cases
+
+    calls = []
+    real = bench_module.sample
+
+    def spy(model, tokenizer, prompts, **kw):
+        calls.append((list(prompts), [g.get_state() for g in kw["streams"]]))
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(bench_module, "sample", spy)
+    report = _bench(tiny_editor, tmp_path, n=2, fluency_every=1, told=True).run()
+    cases = load_cases(str(FIX / "counterfact.json"), None, 2)
+    plain = [p for c in cases for p in c.generation_prompts]
+    stated = [f"{c.requests[0].prompt} {c.requests[0].target_new}. {p}"
+              for c in cases for p in c.generation_prompts]
+    assert plain and stated != plain
+    streams: dict[str, list] = {}  # every sampled prompt -> the stream states it was drawn with
+    for prompts, states in calls:
+        for p, st in zip(prompts, states):
+            streams.setdefault(p, []).append(st)
+    assert all(len(streams[p]) == 1 for p in stated)  # told once: the baseline, not the edits
+    assert all(len(streams[p]) == 2 for p in plain)  # plain: the baseline and the edited model
+    assert all(torch.equal(streams[t][0], streams[p][0]) for t, p in zip(stated, plain))
+    base, edited = report["baseline"], report["summary"]
+    assert base["fluency_told"] is not None and base["rep_told"] is not None
+    assert base["mention_told"] is not None and edited["rep_told"] is None
+    assert "told the new fact" in (tmp_path / "report.md").read_text()
+    with pytest.raises(KnowpatchError, match="told"):
+        BenchSettings(data="x", told=True, chat_template=True)
