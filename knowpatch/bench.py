@@ -120,6 +120,13 @@ def with_chat_template(tokenizer, case: Case) -> Case:
                    generation_prompts=[wrap(p) for p in case.generation_prompts])
 
 
+def writing_scores(texts: list[str], answers: list[str]) -> dict[str, float | None]:
+    """fluency of `texts`, and the shares (%) naming one of `answers` 3+ times (rep) and at
+    all (mention)."""
+    return {"fluency": mean_fluency(texts), "rep": repetition(texts, answers),
+            "mention": repetition(texts, answers, times=1)}
+
+
 def told_context(case: Case) -> str:
     """The case's new facts stated, to put before a prompt: "<edit prompt> <new target>. "."""
     return "".join(f"{r.prompt.strip()} {r.target_new.strip()}. " for r in case.requests)
@@ -273,9 +280,7 @@ class Bench:
         model, the old answer (the new target where no old answer is given)."""
         answers = [(r.ground_truth or r.target_new) if baseline else r.target_new
                    for r in case.requests]
-        return {"fluency": mean_fluency(texts), "rep": repetition(texts, answers),
-                "mention": repetition(texts, answers, times=1),
-                "fluency_texts": [t[:400] for t in texts[:2]]}
+        return {**writing_scores(texts, answers), "fluency_texts": [t[:400] for t in texts[:2]]}
 
     @staticmethod
     def _told(case: Case, texts: list[str] | None) -> dict[str, Any]:
@@ -283,9 +288,8 @@ class Bench:
         told the new facts (nothing when they were not sampled)."""
         if texts is None:
             return {}
-        answers = [r.target_new for r in case.requests]
-        return {"fluency_told": mean_fluency(texts), "rep_told": repetition(texts, answers),
-                "mention_told": repetition(texts, answers, times=1)}
+        scores = writing_scores(texts, [r.target_new for r in case.requests])
+        return {f"{k}_told": v for k, v in scores.items()}
 
     def edit_records(self, requests: list[EditRequest], into: Patch | None = None) -> tuple[Patch, float]:
         started = time.perf_counter()
