@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import KnowpatchError
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,17 @@ class PatchStore:
     def load(self, ref: str | Path) -> Patch:
         return Patch.load(self.resolve(ref))
 
+    def clean(self) -> list[str]:
+        """Remove what an interrupted atomic save left behind (hidden temp folders): their
+        names."""
+        removed = []
+        if self.root.is_dir():
+            for folder in self.root.iterdir():
+                if folder.is_dir() and folder.name.startswith("."):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+        return removed
+
     def remove(self, ref: str | Path) -> Path:
         folder = self.resolve(ref)
         if not (folder / MANIFEST).is_file():
@@ -233,7 +245,6 @@ class PatchStore:
 
 def make_manifest(*, patch_id: str, base: dict[str, Any], method: str, config: dict[str, Any],
                   requests: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    from . import __version__
 
     return {
         "format_version": FORMAT_VERSION,

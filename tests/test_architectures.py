@@ -134,12 +134,8 @@ def _logits(model, tokenizer, prompts=(PROMPT, PARAPHRASE, UNRELATED)):
 
 def _forced(editor: Editor, patch: Patch, prompts=(PROMPT, PARAPHRASE, UNRELATED)):
     """The editor's logits with `patch` on for every prompt (routing off)."""
-    editor.routing = False
-    try:
-        with editor.using([patch]) as model:
-            return _logits(model, editor.tokenizer, prompts)
-    finally:
-        editor.routing = True
+    with editor.options(routing=False), editor.using([patch]) as model:
+        return _logits(model, editor.tokenizer, prompts)
 
 
 def test_lora_edit_learns(lora):

@@ -257,7 +257,7 @@ def test_sequential_side_by_side_edits_score_as_one_at_a_time(tiny_editor, tmp_p
 def test_baseline_cache_returns_what_scoring_gives(tiny_editor, tmp_path):
     """A stored baseline chunk is what scoring the unedited model computes; another seed or
     other fluency flags are other entries; a file cut short is scored again."""
-    from knowpatch.baselines import BaselineCache
+    from knowpatch.bench import BaselineCache
     from knowpatch.datasets import load_cases
 
     cache = BaselineCache(tiny_editor, seed=0, folder=tmp_path / "cache")
@@ -300,7 +300,7 @@ def test_told_baseline_samples_the_unedited_model_with_the_new_fact_stated(tiny_
     """--told: the unedited model's fluency texts are sampled again with "<prompt> <new
     target>. " before each generation prompt, from the same random streams, and their rep,
     mention and fluency of the new target sit in the baseline (the edited model has none)."""
-    import knowpatch.bench as bench_module
+    import knowpatch.bench.scoring as bench_module
     from knowpatch.datasets import load_cases
 
     calls = []

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers import lora_layers
 
-from knowpatch import Editor, EditRequest, KnowpatchError, Patch
+from knowpatch import Editor, EditRequest, KnowpatchError, Patch, PatchStore
 from knowpatch.patches import MANIFEST
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -47,9 +48,9 @@ def test_save_load_gives_identical_logits_and_remove_restores_base(tiny_editor, 
     tiny_editor.remove(patch)
     assert torch.equal(_logits(tiny_editor), base)  # exactly, not approximately
 
-    fresh = Editor.from_pretrained(str(tiny_dir), device="cpu", store=tiny_editor.store.root,
+    fresh = Editor.from_pretrained(str(tiny_dir), device="cpu", store=tiny_editor.store_root,
                                    progress=False)
-    loaded = fresh.store.load(patch.id)
+    loaded = PatchStore(fresh.store_root).load(patch.id)
     assert loaded.manifest["id"] == patch.id
     fresh.apply(loaded)
     assert torch.equal(_logits(fresh), edited)
@@ -107,9 +108,9 @@ def test_bad_inputs(tiny_editor):
         tiny_editor.edit(EditRequest("word " * 80, "Rome"))  # context is 64 positions
     with pytest.raises(KnowpatchError, match="layers: \\[7\\] out of range"):
         tiny_editor.edit(_request(), layers="7")
-    assert tiny_editor.store.list() == []  # nothing written by failed edits
+    assert tiny_editor.stored() == []  # nothing written by failed edits
     with pytest.raises(KnowpatchError, match="no patch"):
-        tiny_editor.store.load("does-not-exist")
+        tiny_editor.apply("does-not-exist")
 
 
 def test_corrupt_manifest_is_reported(tiny_editor):
@@ -127,8 +128,8 @@ def test_interrupted_save_leaves_nothing(tiny_editor, monkeypatch):
 
     monkeypatch.setattr("knowpatch.patches.os.replace", boom)
     with pytest.raises(OSError):
-        tiny_editor.store.save(patch)
-    assert not any(tiny_editor.store.root.iterdir())
+        tiny_editor.save(patch)
+    assert not any(tiny_editor.store_root.iterdir())
 
 
 def test_successive_edits_on_one_editor_stay_apart(tiny_editor):
@@ -148,7 +149,7 @@ def test_lora_dropout_acts_in_training_only(tiny_editor):
     first = tiny_editor.edit(_request(), evaluate=False, dropout=0.5, **FAST)
     second = tiny_editor.edit(EditRequest("The Kremlin is located in the city of", "Oslo",
                                           subject="Kremlin"), evaluate=False, dropout=0.5, **FAST)
-    layers = list(tiny_editor.adapters.layers().values())
+    layers = list(lora_layers(tiny_editor.model).values())
     assert layers and not any(m.training for layer in layers for m in layer.modules())
     for patch in (first, second):
         tiny_editor.remove(patch)

@@ -114,7 +114,7 @@ def test_full_sft_bad_settings_name_the_field(tiny_editor):
         tiny_editor.edit(_req(), method="ft-m", layers="7")  # the tiny model has 2 layers
     with pytest.raises(KnowpatchError, match="modules"):
         tiny_editor.edit(_req(), method="full-sft", modules=["no_such_proj"])
-    assert tiny_editor.store.list() == []  # nothing written
+    assert tiny_editor.stored() == []  # nothing written
 
 
 # ---- DPO --------------------------------------------------------------------------------

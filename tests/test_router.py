@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import bank_with, lora_layers
 
 from knowpatch import EditRequest, Patch
 from knowpatch.router import Router, compute_keys, hidden_rows, subject_token_span
@@ -126,8 +127,9 @@ def test_routing_off_applies_every_patch_to_every_query(tiny_editor):
     base = _logits(tiny_editor, [UNRELATED])
     tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
     torch.testing.assert_close(_logits(tiny_editor, [UNRELATED]), base, atol=1e-5, rtol=0)
-    tiny_editor.routing = False
-    assert not torch.allclose(_logits(tiny_editor, [UNRELATED]), base, atol=1e-4)
+    with tiny_editor.options(routing=False):
+        assert not torch.allclose(_logits(tiny_editor, [UNRELATED]), base, atol=1e-4)
+    torch.testing.assert_close(_logits(tiny_editor, [UNRELATED]), base, atol=1e-5, rtol=0)
 
 
 def test_unkeyed_patch_acts_everywhere(tiny_editor):
@@ -151,7 +153,7 @@ def test_edit_sequential_makes_one_patch_per_request_and_supersedes(tiny_editor)
     again = EditRequest(EIFFEL.prompt, "Berlin", subject="Eiffel Tower")
     patches = tiny_editor.edit_sequential([EIFFEL, KREMLIN, again], evaluate=False, **FAST)
     assert len(patches) == 3 and len({p.id for p in patches}) == 3
-    assert all(p.path is not None and p.path.parent == tiny_editor.store.root for p in patches)
+    assert all(p.path is not None and p.path.parent == tiny_editor.store_root for p in patches)
     assert tiny_editor.superseded() == {patches[0].id: patches[2].id}
     assert tiny_editor.generate(EIFFEL.prompt, max_new_tokens=2)[0].startswith(" Berlin")
     assert tiny_editor.generate(KREMLIN.prompt, max_new_tokens=2)[0].startswith(" Oslo")
@@ -202,32 +204,38 @@ def test_bench_router_measures_recall_and_false_fires(tiny_dir, tmp_path):
         assert paged[key] == last[key]
 
 
-def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor, tmp_path):
+def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor, tiny_dir,
+                                                                    tmp_path):
     """After the first patch, adapters are added to and deleted from the existing LoRA layers
     directly (PEFT's model-wide add/delete walk every loaded adapter); the weights read and
     written by hand are exactly PEFT's state dict."""
     from peft import get_peft_model_state_dict
 
     a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
-    peft_model = tiny_editor.adapters.peft
+    b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
+    bank, model = bank_with(tiny_dir, a)  # a bank of the test's own: PEFT's injection first
 
     def refuse(*_a, **_k):
         raise AssertionError("PEFT's model-wide add/delete was used")
 
-    peft_model.add_adapter = refuse
-    peft_model.delete_adapter = refuse
-    b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
+    bank.peft.add_adapter = refuse
+    bank.peft.delete_adapter = refuse
+    bank.add(b.id, b.adapter_config)
+    bank.load_weights(b.id, dict(b.weights))
     for patch in (a, b):
-        reference = get_peft_model_state_dict(peft_model, adapter_name=patch.id)
-        assert set(patch.weights) == set(reference)
+        reference = get_peft_model_state_dict(bank.peft, adapter_name=patch.id)
+        assert set(patch.weights) == set(reference) == set(bank.weights(patch.id))
         for key, value in reference.items():
             assert torch.equal(patch.weights[key], value)
-    # a saved patch loaded into another editor answers the same, through the same fast path
+            assert torch.equal(bank.weights(patch.id)[key], value)
+    bank.remove(b.id)
+    assert b.id not in bank.peft.peft_config
+    assert all(b.id not in layer.lora_A for layer in lora_layers(model).values())
+    # a saved patch loaded into the editor again answers the same, through the same fast path
     b.save(tmp_path / "b")
     after = _logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt])
     tiny_editor.remove(b)
-    assert b.id not in peft_model.peft_config
-    assert all(b.id not in layer.lora_A for layer in tiny_editor.adapters.layers().values())
+    assert all(b.id not in layer.lora_A for layer in lora_layers(tiny_editor.model).values())
     tiny_editor.apply(Patch.load(tmp_path / "b"))
     torch.testing.assert_close(_logits(tiny_editor, [EIFFEL.prompt, KREMLIN.prompt]), after,
                                atol=1e-6, rtol=0)
@@ -237,14 +245,13 @@ def test_adding_and_removing_patches_bypasses_peft_model_wide_walks(tiny_editor,
     bad.weights = {k.replace("lora_A", "lora_Q"): v for k, v in bad.weights.items()}
     with pytest.raises(Exception, match="do not fit"):
         tiny_editor.apply(bad)
-    assert all("bad" not in layer.lora_A for layer in tiny_editor.adapters.layers().values())
-    # targets given as PEFT suffixes (as PEFT rewrites long lists) after every patch is gone
+    assert all("bad" not in layer.lora_A for layer in lora_layers(tiny_editor.model).values())
+    # targets given as PEFT suffixes (as PEFT rewrites long lists) after every adapter is gone
     from peft import LoraConfig
 
-    for patch in list(tiny_editor.applied):
-        tiny_editor.remove(patch)
-    tiny_editor.adapters.add("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
-    with_adapter = [m for m, layer in tiny_editor.adapters.layers().items() if "suffix" in layer.lora_A]
+    bank.remove(a.id)
+    bank.add("suffix", LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"]))
+    with_adapter = [m for m, layer in bank.layers().items() if "suffix" in layer.lora_A]
     assert with_adapter == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
@@ -302,21 +309,21 @@ def test_only_the_adapter_in_training_gets_gradients_and_patches_share_adapter_m
     monkeypatch.setattr(sft, "sft_train", spy)
     before_a = {k: v.clone() for k, v in a.weights.items()}
     b = tiny_editor.edit(KREMLIN, evaluate=False, **FAST)
-    layers = tiny_editor.adapters.layers().values()
+    layers = lora_layers(tiny_editor.model).values()
     b_params = [p for layer in layers for part in (layer.lora_A, layer.lora_B)
                 for p in part[b.id].parameters()]
     assert {id(p) for p in seen["params"]} == {id(p) for p in b_params} == seen["grad"]
     assert not any(p.requires_grad for p in tiny_editor.model.parameters())
     assert all(torch.equal(a.weights[k], v) for k, v in before_a.items())
     for patch in (a, b):  # same storage as the live adapter
-        for layer_name, layer in tiny_editor.adapters.layers().items():
+        for layer_name, layer in lora_layers(tiny_editor.model).items():
             key = f"base_model.model.{layer_name}.lora_A.weight"
             assert patch.weights[key].data_ptr() == layer.lora_A[patch.id].weight.data_ptr()
     # a patch loaded from disk is held once too, and still saves what it loaded
     b.save(tmp_path / "b")
     tiny_editor.remove(b)
     loaded = tiny_editor.apply(Patch.load(tmp_path / "b"))
-    layer_name, layer = next(iter(tiny_editor.adapters.layers().items()))
+    layer_name, layer = next(iter(lora_layers(tiny_editor.model).items()))
     key = f"base_model.model.{layer_name}.lora_B.weight"
     assert loaded.weights[key].data_ptr() == layer.lora_B[loaded.id].weight.data_ptr()
     loaded.save(tmp_path / "b2")
@@ -353,7 +360,7 @@ def test_rows_scored_together_match_rows_scored_one_by_one():
     assert fired_any > 0  # the thresholds let some fire: the comparison covers fired patches
 
 
-def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_editor):
+def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_editor, tiny_dir):
     """gate=answer: in a routed generation the adapter acts on the prompt and on the first
     n-1 generated tokens (n = the answer's tokens), then the base weights continue, reading
     the edited context through the cache. Checked against the same steps run by hand."""
@@ -364,7 +371,7 @@ def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_
     assert n >= 2 and patch.manifest["learnt"]
     routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 4)[0]
     assert routed.startswith(" Reykjavik Harbour")
-    bank, model = tiny_editor.adapters, tiny_editor.model
+    bank, model = bank_with(tiny_dir, patch)  # the same steps on a copy of the model
     ids = torch.tensor([tiny_editor.tokenizer(req.prompt)["input_ids"]])
     out, tokens = None, []
     with torch.no_grad():
@@ -376,11 +383,10 @@ def test_answer_gate_acts_on_the_query_and_the_answer_then_the_base_writes(tiny_
                 out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
                             use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
-    bank.activate([p.id for p in tiny_editor.applied])
     assert routed == tiny_editor.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor):
+def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor, tiny_dir):
     """gate=handoff: the adapter acts on the prompt and the first n-1 generated tokens, as
     gate=answer; then the rows' cache is replaced by the base weights' states of prompt +
     answer, so the text after the answer is the base model's greedy continuation of that
@@ -393,7 +399,8 @@ def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor
     assert n >= 2 and patch.manifest["learnt"] and patch.manifest["config"]["gate"] == "handoff"
     routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 5)[0]
     assert routed.startswith(" Reykjavik Harbour")
-    bank, model, tok = tiny_editor.adapters, tiny_editor.model, tiny_editor.tokenizer
+    bank, model = bank_with(tiny_dir, patch)  # the same steps on a copy of the model
+    tok = tiny_editor.tokenizer
     prompt = tok(req.prompt)["input_ids"]
     tokens: list[int] = []
     with torch.no_grad():
@@ -411,7 +418,6 @@ def test_handoff_gate_answers_then_the_base_model_rereads_and_writes(tiny_editor
             out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
                         use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
-    bank.activate([p.id for p in tiny_editor.applied])
     assert routed == tok.decode(tokens, skip_special_tokens=True)
     # gate=answer keeps the edited states of the prompt: another text after the answer
     answer_gate = tiny_editor.edit(req, evaluate=False, gate="answer", **FAST)
@@ -460,7 +466,8 @@ def test_rep_counts_generations_that_repeat_the_answer():
     assert repetition([], ["Paris"]) is None
 
 
-def test_keep_term_trains_under_the_answer_gate_and_holds_the_text_after_the_answer(tiny_editor):
+def test_keep_term_trains_under_the_answer_gate_and_holds_the_text_after_the_answer(tiny_editor,
+                                                                                     tiny_dir):
     """keep_weight: the text the base model writes after "prompt + answer" is trained to
     read as the base model reads it, with the adapter off on it (gate=answer) as in a routed
     generation. The edit is still learnt, and the edited model's predictions on that text
@@ -482,15 +489,15 @@ def test_keep_term_trains_under_the_answer_gate_and_holds_the_text_after_the_ans
 
     def kl_after_answer(patch) -> float:
         batch = common.collate(keep, tok.pad_token_id, torch.device("cpu"))
+        bank, model = bank_with(tiny_dir, patch)  # the patch on a copy of the model
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            with tiny_editor.using([]) as base:
-                ref = common.continuation_logprobs(base(**{k: batch[k] for k in (
-                    "input_ids", "attention_mask")}).logits, batch)
+            ref = common.continuation_logprobs(model(**inputs).logits, batch)
             gate = torch.ones(batch["input_ids"].shape)
             gate[0, len(keep[0].prompt_ids):] = 0
-            with tiny_editor.adapters.gated(patch.id, gate):
-                logits = tiny_editor.model(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).logits
+            bank.activate([patch.id])
+            with bank.gated(patch.id, gate):
+                logits = model(**inputs).logits
         return float(common.kl_to_reference(ref, common.continuation_logprobs(logits, batch)))
 
     plain = tiny_editor.edit(EIFFEL, evaluate=False, gate="answer", keep_weight=0.0, **FAST)
@@ -516,7 +523,8 @@ def lora_config(**kw):
     return Config(**kw)
 
 
-def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_writes(tiny_editor):
+def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_writes(tiny_editor,
+                                                                                    tiny_dir):
     """gate=last: in a routed generation the adapter acts at the prompt's last token and on
     the first n-1 generated tokens, never on the rest of the prompt (whose cached states stay
     the base model's). Checked against the same steps run by hand."""
@@ -527,7 +535,7 @@ def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_wri
     assert n >= 2 and patch.manifest["learnt"] and patch.manifest["config"]["gate"] == "last"
     routed = tiny_editor.generate(req.prompt, max_new_tokens=n + 4)[0]
     assert routed.startswith(" Reykjavik Harbour")
-    bank, model = tiny_editor.adapters, tiny_editor.model
+    bank, model = bank_with(tiny_dir, patch)  # the same steps on a copy of the model
     ids = torch.tensor([tiny_editor.tokenizer(req.prompt)["input_ids"]])
     last = torch.zeros(ids.shape)
     last[0, -1] = 1.0
@@ -544,7 +552,6 @@ def test_last_gate_acts_on_the_query_last_token_and_the_answer_then_the_base_wri
             out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.past_key_values,
                         use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
-    bank.activate([p.id for p in tiny_editor.applied])
     assert routed == tiny_editor.tokenizer.decode(tokens, skip_special_tokens=True)
     with pytest.raises(Exception, match="keep_weight"):
         tiny_editor.edit(req, evaluate=False, gate="last", keep_weight=1.0)
@@ -559,7 +566,12 @@ def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
     a = tiny_editor.edit(EIFFEL, evaluate=False, **FAST)
     b = tiny_editor.edit(EditRequest("Angela Merkel speaks the language", "Danish",
                                      subject="Angela Merkel"), evaluate=False, **FAST)
-    router, tok = tiny_editor.router, tiny_editor.tokenizer
+    from knowpatch.router import canonical_tokens, word_edges
+
+    tok = tiny_editor.tokenizer
+    router = Router(canonical=canonical_tokens(tok), edges=word_edges(tok))  # as the editor's
+    for patch in (a, b):
+        router.add(patch.id, patch.keys, 1, 0.75)
     assert "tokens" in a.keys and len(a.keys["tokens"]) == len(a.keys["keys"])
     prompts = [EIFFEL.prompt, "The Eiffel Tower stands in", "Angela Merkel was born in",
                "The Eiffel Tower and Angela Merkel", UNRELATED, "The Tower of London is"]
@@ -569,17 +581,17 @@ def test_token_index_narrows_scoring_and_keeps_the_decisions(tiny_editor):
     # a subject opening the query is spelled without its leading space: the same for the index
     assert a.id in router.candidates(tok("Eiffel Tower at night")["input_ids"])
     indexed = [r.fired for r in tiny_editor.route(prompts)]
-    router.index = False
-    try:
+    with tiny_editor.options(index=False):
         assert [r.fired for r in tiny_editor.route(prompts)] == indexed
-    finally:
-        router.index = True
+    assert [r.fired for r in tiny_editor.route(prompts)] == indexed  # the index is back
     assert indexed[0] == [a.id] and indexed[4] == []
     old_style = {k: v for k, v in b.keys.items() if k != "tokens"}
     router.add(b.id, old_style, 1, 0.75)
     assert b.id in router.candidates(rows[4])  # no token ids: always scored
-    tiny_editor.remove(a)
+    router.remove(a.id)
     assert router.candidates(rows[0]) == {b.id}
+    tiny_editor.remove(a)
+    assert not tiny_editor.is_routed(a.id) and tiny_editor.is_routed(b.id)
 
 
 def test_token_index_wants_the_subject_spelled_whole_and_in_order(tiny_editor):
@@ -622,7 +634,7 @@ def test_calibrate_measures_each_layer_and_writes_a_config(tiny_dir, tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from knowpatch.calibrate import auc, threshold_at
+    from knowpatch.bench.calibrate import auc, threshold_at
     from knowpatch.cli import app
 
     assert auc([0.9, 0.8], [0.1, 0.8]) == pytest.approx(0.875)

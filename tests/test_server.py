@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
-from knowpatch.server import InThread, ServeSettings, create_app  # noqa: E402
+from knowpatch.serve import InThread, ServeSettings, create_app  # noqa: E402
 
 http = httpx.Client(timeout=300)  # generous: a busy 2-core machine answers slowly
 
@@ -107,7 +107,7 @@ def test_openai_client_completions_chat_stream_and_patches(served):
     assert shown["manifest"]["id"] == pid and shown["target_new"] == "Rome"
     assert http.delete(f"{served.base}/v1/patches/{pid}").status_code == 200
     assert complete(client, PROMPT).choices[0].text == base_text  # removed without a restart
-    assert not (served.editor.store.root / pid).exists()
+    assert not (served.editor.store_root / pid).exists()
 
 
 def test_sampling_n_seed_stop(served):
@@ -164,8 +164,8 @@ def test_other_bad_input_is_4xx_and_the_server_keeps_serving(served, tmp_path):
     assert r.status_code == 404 and r.json()["error"]["param"] == "id"
     # a patch made for another base model: its manifest says another fingerprint
     job = edit(base, EDIT)
-    folder = served.editor.store.root / job["patch"]
-    foreign = served.editor.store.root / "foreign-patch"
+    folder = served.editor.store_root / job["patch"]
+    foreign = served.editor.store_root / "foreign-patch"
     http.delete(f"{base}/v1/patches/{job['patch']}", params={"unload_only": True})
     os.rename(folder, foreign)
     manifest = json.loads((foreign / "patch.json").read_text())
@@ -312,9 +312,9 @@ def test_playground_page_is_served(served):
 
 
 def test_no_half_written_folder_is_listed(tmp_path):
-    from knowpatch.server_patches import clean_store
+    from knowpatch.patches import PatchStore
 
     (tmp_path / ".abc.tmp123").mkdir()
     (tmp_path / "whole").mkdir()
-    assert clean_store(tmp_path) == [".abc.tmp123"]
+    assert PatchStore(tmp_path).clean() == [".abc.tmp123"]
     assert [p.name for p in Path(tmp_path).iterdir()] == ["whole"]

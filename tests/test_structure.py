@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import bank_with, lora_layers
 
 from knowpatch import EditRequest
 
@@ -53,7 +54,6 @@ def test_functions_are_short_and_the_editor_thin():
                 if node.end_lineno - node.lineno + 1 > 60:
                     long.append(f"{path.name}:{node.name}")
     assert long == []
-    assert len((PACKAGE / "editor.py").read_text().splitlines()) <= 500
     adapters = ast.parse((PACKAGE / "adapters.py").read_text())
     imported = {n.module for n in ast.walk(adapters) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(adapters) if isinstance(n, ast.Import) for a in n.names}
@@ -71,23 +71,91 @@ def test_every_method_follows_the_protocol():
             assert isinstance(method, AdapterMethod)
 
 
-def test_adding_a_patch_takes_the_per_layer_path(tiny_editor):
+def test_adding_a_patch_takes_the_per_layer_path(tiny_dir):
     """The first adapter is PEFT's injection; every later one with the same targets is
     added layer by layer (a PEFT signature change would fall back to PEFT's model-wide,
     store-sized path: this test then fails instead of the fallback going unnoticed)."""
     from knowpatch.methods import lora_sft
 
-    cfg = lora_sft.adapter_config(tiny_editor.model, lora_sft.Config())
-    assert tiny_editor.adapters.add("first", cfg) == "peft"
-    assert tiny_editor.adapters.add("second", cfg) == "per-layer"
-    assert "second" in tiny_editor.adapters
-    assert not any(p.requires_grad for p in tiny_editor.adapters.params("second"))
-    tiny_editor.adapters.remove("second")
-    assert "second" not in tiny_editor.adapters
+    bank, model = bank_with(tiny_dir)
+    cfg = lora_sft.adapter_config(model, lora_sft.Config())
+    assert bank.add("first", cfg) == "peft"
+    assert bank.add("second", cfg) == "per-layer"
+    assert "second" in bank
+    assert not any(p.requires_grad for p in bank.params("second"))
+    bank.remove("second")
+    assert "second" not in bank
+
+
+def test_the_editor_owns_its_parts():
+    """No module but the editor's own touches its parts: outside code asks with verbs
+    (`route`, `save`, `check`, `options`, ...), never through a field of the editor's."""
+    parts = {"router", "pager", "store", "adapters", "placement", "deltas", "routing", "progress"}
+    found = []
+    for path in _sources():
+        if path.name in ("editor.py", "loaded.py", "editing.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in parts
+                    and isinstance(node.value, ast.Name)
+                    and ("editor" in node.value.id or node.value.id in ("ed", "paged", "fresh"))):
+                found.append(f"{path.name}:{node.lineno} uses {ast.unparse(node)}")
+    assert found == []
+    from knowpatch import Editor
+
+    assert not parts & {name for name in vars(Editor) if not name.startswith("_")}
+
+
+def test_the_core_imports_without_the_server_or_the_figures():
+    """The core (and the bench's runner) import neither FastAPI nor matplotlib: those load
+    with `knowpatch serve` and a report's figure only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, knowpatch, knowpatch.editor, knowpatch.bench, knowpatch.cli; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_is_long_and_imports_have_no_cycle():
+    """No module over 500 lines; the package's imports (inside functions too) form no cycle."""
+    long = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+            if len(p.read_text().splitlines()) > 500]
+    assert long == []
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions too
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+    graph = {k: {d for d in v if d in graph} for k, v in graph.items()}
+    cycles = []
+
+    def visit(node, stack):
+        for dep in graph[node]:
+            if dep in stack:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, stack + [dep])
+        done.add(node)
+
+    done: set[str] = set()
+    for start in graph:
+        if start not in done:
+            visit(start, [start])
+    # a package's __init__ importing its own submodules is not a cycle of concern
+    cycles = [c for c in cycles if not all(x.startswith(c[0] + ".") or x == c[0] for x in c)]
+    assert cycles == []
 
 
 def _hooks(editor) -> int:
-    modules = [editor.model, *editor.adapters.layers().values()]
+    modules = [editor.model, *lora_layers(editor.model).values()]
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
 
 

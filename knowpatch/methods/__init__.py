@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
+from ..config import build_config
 from ..errors import KnowpatchError
 from ..training import LoopResult
 from . import dpo, ft_m, full_sft, lora_sft
@@ -99,3 +100,12 @@ def choose_method(n_facts: int, preferences: bool = False, one_patch: bool = Tru
         f"routed: {MEASURED['full_sft']}); a patch per fact generalizes better "
         f"({MEASURED['per_fact']}: Editor.edit_many)")
 
+
+
+def check_settings(method: str, settings: dict[str, Any] | None = None) -> Any | None:
+    """The admission check of an edit's method: `method` is known and `settings` fill its
+    config (an unknown key or a bad value raises `KnowpatchError` naming it). The config, or
+    None for `auto` (its method is chosen per edit, from what is edited)."""
+    if method == AUTO:
+        return None
+    return build_config(get_method(method).Config, dict(settings or {}), where=method)

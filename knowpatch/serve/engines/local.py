@@ -1,5 +1,5 @@
-"""The serving engine behind `knowpatch serve`: one thread owns the `Editor` and runs, in
-arrival order, batches of generation requests and patch work (edits, loads, removals).
+"""knowpatch's own serving engine (`Engine` protocol): one thread owns the `Editor` and runs,
+in arrival order, batches of generation requests and patch work (edits, loads, removals).
 
 Requests that arrive within `batch_window` seconds of each other and share their sampling
 settings and candidate patches run as one left-padded batch: the router decides per row
@@ -21,39 +21,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .editor import Editor
-from .evaluate import left_padded
+from ...editor import Editor
+from ...evaluate import left_padded
+from ...patches import MANIFEST, Patch
+from ...requests import EditRequest
+from ...router import Route
+from ..engine import Generation
 
 log = logging.getLogger(__name__)
-
-# An event for one choice: (choice index, new text, finish reason or None, fired patch ids,
-# tokens made so far).
-Emit = Callable[[int, str, "str | None", list[str], int], None]
-
-
-@dataclass
-class Generation:
-    """One API request: its rows (token ids of each choice) and how to continue them."""
-
-    rows: list[list[int]]
-    max_tokens: int
-    emit: Emit
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    patches: list[str] | None = None  # None: every loaded patch, routed ("auto")
-
-    def group(self) -> tuple:
-        """Requests with equal groups can share a batch."""
-        sampling = (self.temperature, self.top_p, self.seed) if self.temperature > 0 else ()
-        return (tuple(self.patches) if self.patches is not None else None, sampling)
-
 
 @dataclass
 class Task:
@@ -91,7 +72,7 @@ class RowWatch(StoppingCriteria):
             elif len(self.ids[r]) >= req.max_tokens:
                 self.finish(r, text, "length")
             else:
-                safe = len(text) - _held_back(text, req.stop)
+                safe = len(text) - held_back(text, req.stop)
                 if safe > self.sent[r]:
                     req.emit(choice, text[self.sent[r]:safe], None, self.fired(r), len(self.ids[r]))
                     self.sent[r] = safe
@@ -113,7 +94,7 @@ class RowWatch(StoppingCriteria):
                 self.finish(r, self.text(r), "length")
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` not to send yet: the start of a stop string, or an
     incomplete UTF-8 character."""
     hold = 1 if text.endswith("\ufffd") else 0
@@ -125,16 +106,20 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-class Engine:
-    """The thread that owns the editor. `submit` a `Generation` or a `Task`."""
+class LocalEngine:
+    """The thread that owns the editor. `submit` a `Generation`; patch work runs there too."""
 
     def __init__(self, editor: Editor, *, max_batch: int = 64, batch_window: float = 0.01):
         self.editor, self.max_batch, self.batch_window = editor, max_batch, batch_window
+        self.model_name, self.tokenizer = editor.model_name, editor.tokenizer
+        self.context = editor.context_length or 2048
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self.loop, name="knowpatch-engine", daemon=True)
         self.batches: list[int] = []  # rows of each batch run (for the throughput report)
+        self.lock = threading.Lock()
+        self.manifests: dict[str, dict[str, Any]] = {}  # loaded patches, as the engine left them
 
-    def start(self) -> Engine:
+    def start(self) -> LocalEngine:
         self.thread.start()
         return self
 
@@ -230,7 +215,7 @@ class Engine:
     def generate(self, reqs: list[Generation]) -> None:
         editor, tok = self.editor, self.editor.tokenizer
         names = self.candidates(reqs[0])
-        always = [n for n in names if n not in editor.router]  # unkeyed: act on every row
+        always = [n for n in names if not editor.is_routed(n)]  # unkeyed: act on every row
         rows = [(req, c) for req in reqs for c in range(len(req.rows))]
         routes: list = []
         watch = RowWatch(tok, rows, lambda r: (routes[0][r].fired if routes else []) + always)
@@ -250,3 +235,49 @@ class Engine:
                            stopping_criteria=StoppingCriteriaList([watch]),
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
         watch.finish_all()
+
+    # ---- patch work, on the engine thread between batches ------------------------------
+    def refresh(self) -> None:
+        """Take a snapshot of the loaded patches (on the engine thread, after each change)."""
+        with self.lock:
+            self.manifests = {p.id: p.manifest for p in self.editor.applied}
+
+    def changing(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn`, then a fresh snapshot (also when `fn` failed half-way)."""
+        def run() -> Any:
+            try:
+                return fn()
+            finally:
+                self.refresh()
+        return run
+
+    def loaded(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.manifests.values())
+
+    def load_store(self) -> tuple[list[str], dict[str, str]]:
+        return self.call(self.changing(self.editor.load_store))
+
+    def has_stored(self, patch_id: str) -> bool:
+        return (self.editor.store_root / patch_id / MANIFEST).is_file()
+
+    def load(self, patch_id: str) -> dict[str, Any]:
+        folder = Path(self.editor.store_root) / patch_id
+        return self.call(self.changing(lambda: self.editor.apply(Patch.load(folder)).manifest))
+
+    def unload(self, patch_id: str, delete: bool) -> None:
+        editor = self.editor
+        self.call(self.changing(lambda: editor.delete(patch_id) if delete else editor.remove(patch_id)))
+
+    def check(self, request: EditRequest, method: str, settings: dict[str, Any]) -> None:
+        self.editor.check(request, method, settings)
+
+    def edit(self, request: EditRequest, method: str, settings: dict[str, Any],
+             started: Callable[[], None] | None = None) -> Future:
+        def run() -> Patch:
+            started() if started else None
+            return self.editor.edit(request, method, config=dict(settings))
+        return self.submit_task(self.changing(run))
+
+    def route(self, prompt: str, patches: list[str] | None) -> Route:
+        return self.call(lambda: self.editor.route(prompt, patches))[0]

@@ -1,4 +1,4 @@
-"""`knowpatch serve`: an OpenAI-compatible HTTP API over one `Editor`.
+"""`knowpatch serve`: an OpenAI-compatible HTTP API over one `Engine`.
 
     app = create_app(Editor.from_pretrained(), ServeSettings(api_key="secret"))
 
@@ -7,7 +7,8 @@
 exactly those; []: the base model) and say in each choice's `knowpatch.patches` and in the
 `x-knowpatch-patches` header which patches served it. `/v1/patches` lists, adds (an edit
 as a background job), loads and removes patches while the server runs. FastAPI does the
-HTTP; the batching and routing is `serving.Engine`; this file is request shapes and checks.
+HTTP; batching, routing and decoding are the engine's (`engine.Engine`; an `Editor` is
+served by `engines.local.LocalEngine`); this file is the endpoints and their checks.
 """
 
 from __future__ import annotations
@@ -15,27 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import socket
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .editor import Editor
-from .errors import KnowpatchError
-from .server_patches import ApiError, PatchService, check_id, error_body, from_knowpatch
-from .serving import Engine, Generation
+from ..editor import Editor
+from ..errors import KnowpatchError
+from .engine import Engine, Generation
+from .engines.local import LocalEngine
+from .errors import ApiError, check_id, error_body, from_knowpatch
+from .patches import PatchService
+from .reply import Reply
+from .shapes import ChatBody, CompletionBody, RouteBody, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +48,17 @@ class ServeSettings:
     max_tokens: int = 512  # the most tokens one choice may ask for
     max_n: int = 8
     cors: list[str] = field(default_factory=list)  # allowed origins; empty: no CORS headers
-    served_name: str | None = None  # the base model's id in the API (default: the editor's)
+    served_name: str | None = None  # the base model's id in the API (default: the engine's)
 
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields of the OpenAI API not used here
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    patches: Literal["auto"] | list[str] = "auto"
-
-
-class CompletionBody(Sampling):
-    prompt: str | list[str]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | None = None
-
-
-class ChatBody(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class RouteBody(BaseModel):
-    prompt: str
-    patches: Literal["auto"] | list[str] = "auto"
-
-
-def create_app(editor: Editor, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(engine: Engine | Editor, settings: ServeSettings | None = None) -> FastAPI:
+    """The app over `engine` (an `Editor` is served by the local engine)."""
     settings = settings or ServeSettings()
-    engine = Engine(editor, max_batch=settings.max_batch, batch_window=settings.batch_window)
-    service = PatchService(editor, engine)
+    if isinstance(engine, Editor):
+        engine = LocalEngine(engine, max_batch=settings.max_batch,
+                             batch_window=settings.batch_window)
+    service = PatchService(engine)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         loop = asyncio.get_running_loop()
@@ -100,7 +70,7 @@ def create_app(editor: Editor, settings: ServeSettings | None = None) -> FastAPI
     app = FastAPI(title="knowpatch", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.engine, app.state.service, app.state.settings = engine, service, settings
-    api = Api(editor, engine, service, settings)
+    api = Api(engine, service, settings)
     install_errors(app)
     install_auth(app, settings)
     if settings.cors:
@@ -153,11 +123,10 @@ def install_auth(app: FastAPI, settings: ServeSettings) -> None:
 class Api:
     """The endpoints; each checks its input and hands the model work to the engine."""
 
-    def __init__(self, editor: Editor, engine: Engine, service: PatchService, settings: ServeSettings):
-        self.editor, self.engine, self.service, self.settings = editor, engine, service, settings
-        self.name = settings.served_name or editor.model_name
-        config = editor.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or 2048
+    def __init__(self, engine: Engine, service: PatchService, settings: ServeSettings):
+        self.engine, self.service, self.settings = engine, service, settings
+        self.name = settings.served_name or engine.model_name
+        self.context = engine.context
 
     def mount(self, app: FastAPI) -> None:
         app.get("/", include_in_schema=False)(self.playground)
@@ -180,7 +149,7 @@ class Api:
 
     def patches_of(self, body: Sampling | RouteBody) -> list[str] | None:
         """The candidate patches of a request (None: every loaded one, routed)."""
-        loaded = {p["id"] for p in self.service.snapshot()}
+        loaded = self.service.loaded_ids()
         model = getattr(body, "model", self.name)
         if model != self.name and model not in loaded:
             raise ApiError(404, f"model: no model or loaded patch {model!r} (GET /v1/models "
@@ -202,7 +171,7 @@ class Api:
                            "max_tokens")
         if body.n > self.settings.max_n:
             raise ApiError(400, f"n: at most {self.settings.max_n} choices", "n")
-        tok = self.editor.tokenizer
+        tok = self.engine.tokenizer
         rows = []
         for i, text in enumerate(texts):
             field_name = "messages" if chat else ("prompt" if len(texts) == 1 else f"prompt.{i}")
@@ -224,7 +193,7 @@ class Api:
     async def chat(self, body: ChatBody) -> Any:
         messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
         try:
-            text = self.editor.tokenizer.apply_chat_template(messages, tokenize=False,
+            text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False,
                                                              add_generation_prompt=True)
         except Exception as exc:  # a template that rejects the conversation
             raise ApiError(400, f"messages: the chat template rejects them ({exc})", "messages") from None
@@ -233,9 +202,8 @@ class Api:
     async def route(self, body: RouteBody) -> dict:
         """How the router decides for one prompt: fired patches and the best candidates' scores."""
         patches = self.patches_of(body)
-        routes = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.engine.call(lambda: self.editor.route(body.prompt, patches)))
-        route = routes[0]
+        route = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.engine.route(body.prompt, patches))
         return {"fired": route.fired, "scores": {k: round(v, 4) for k, v in route.scores.items()},
                 "superseded": route.superseded}
 
@@ -257,95 +225,3 @@ class Api:
                                      headers={"x-knowpatch-patches": ",".join(first[3]),
                                               "cache-control": "no-cache"})
         return await reply.whole(events)
-
-
-class Reply:
-    """The OpenAI response of one request, from the engine's events."""
-
-    def __init__(self, chat: bool, model: str, n: int, prompt_tokens: int):
-        self.chat, self.model, self.n, self.prompt_tokens = chat, model, n, prompt_tokens
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.texts = [""] * n
-        self.finish: list[str | None] = [None] * n
-        self.fired: list[list[str]] = [[] for _ in range(n)]
-        self.tokens = [0] * n
-
-    def take(self, event: tuple) -> None:
-        choice, text, reason, fired, tokens = event
-        self.texts[choice] += text
-        self.fired[choice], self.tokens[choice] = list(fired), tokens
-        if reason is not None:
-            self.finish[choice] = reason
-            if reason.startswith("error:"):
-                raise ApiError(500, f"generation failed: {reason[6:].strip()}", None, "server_error")
-
-    async def whole(self, events: asyncio.Queue) -> JSONResponse:
-        while any(f is None for f in self.finish):
-            self.take(await events.get())
-        choices = []
-        for i in range(self.n):
-            body = ({"message": {"role": "assistant", "content": self.texts[i]}} if self.chat
-                    else {"text": self.texts[i], "logprobs": None})
-            choices.append({"index": i, **body, "finish_reason": self.finish[i],
-                            "knowpatch": {"patches": self.fired[i]}})
-        tokens = sum(self.tokens)
-        out = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "choices": choices,
-               "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
-                         "total_tokens": self.prompt_tokens + tokens}}
-        fired = sorted({p for f in self.fired for p in f})
-        return JSONResponse(out, headers={"x-knowpatch-patches": ",".join(fired)})
-
-    def chunk(self, event: tuple) -> str:
-        choice, text, reason, fired, _tokens = event
-        if self.chat:
-            delta = {"role": "assistant", "content": text} if text or reason is None else {}
-            item = {"index": choice, "delta": delta, "finish_reason": reason}
-        else:
-            item = {"index": choice, "text": text, "logprobs": None, "finish_reason": reason}
-        item["knowpatch"] = {"patches": list(fired)}
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [item]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    async def stream(self, first: tuple, events: asyncio.Queue):
-        event = first
-        while True:
-            choice, _text, reason, _fired, _tokens = event
-            if reason is not None and reason.startswith("error:"):
-                yield f"data: {json.dumps(error_body(reason, None, 'server_error'))}\n\n"
-                return
-            yield self.chunk(event)
-            if reason is not None:
-                self.finish[choice] = reason
-            if all(f is not None for f in self.finish):
-                yield "data: [DONE]\n\n"
-                return
-            event = await events.get()
-
-
-class InThread:
-    """An app served by uvicorn on a thread of this process, on a free loopback port (for
-    `bench-serve` and the tests: a real HTTP server without a subprocess)."""
-
-    def __init__(self, app: FastAPI, timeout: float = 60.0):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app, self.base = app, f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)

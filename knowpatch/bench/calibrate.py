@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from .datasets import load_cases
-from .errors import KnowpatchError
-from .evaluate import prompt_ids
-from .models import decoder_layers
-from .router import Router, compute_keys, hidden_rows
+from ..datasets import load_cases
+from ..errors import KnowpatchError
+from ..evaluate import prompt_ids
+from ..models import decoder_layers
+from ..router import Router, compute_keys, hidden_rows
 
 
 def auc(positives: list[float], negatives: list[float]) -> float | None:

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from .evaluate import Reference
-from .models import knowpatch_home
+from ..evaluate import Reference
+from ..models import knowpatch_home
 
 # the modules whose code decides a baseline score
-_SCORING_SOURCES = ("bench.py", "evaluate.py", "fluency.py", "requests.py", "datasets.py")
+_SCORING_SOURCES = ("bench/scoring.py", "evaluate.py", "fluency.py", "requests.py", "datasets.py")
 
 
 def code_digest() -> str:
     """A digest of the scoring code's source files."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]
     for name in _SCORING_SOURCES:
         h.update((here / name).read_bytes())
     return h.hexdigest()

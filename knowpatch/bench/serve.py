@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .datasets import load_cases
-from .editor import Editor
-from .server import InThread, ServeSettings, create_app
+from ..datasets import load_cases
+from ..editor import Editor
+from ..serve import InThread, ServeSettings, create_app
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from .datasets import load_cases
-from .editor import Editor
-from .patches import Patch
-from .router import compute_keys, fact_of
-from .training import peak_rss_mb
+from ..datasets import load_cases
+from ..editor import Editor
+from ..patches import Patch
+from ..router import compute_keys, fact_of
+from ..training import peak_rss_mb
 
 
 def _rss_mb() -> float:
@@ -93,7 +93,7 @@ def run_router_bench(editor: Editor, data: str, n: int, sizes: list[int], out: P
             "memory_per_patch_mb": round((rss - base_rss) / max(len(target), 1), 3),
             "weights_per_patch_mb": round(weight_bytes / 2**20, 3),
             "query_batch": len(query_prompts),
-            "resident": editor.pager.capacity, "pager_reads": editor.pager.reads,
+            "resident": editor.paging()["resident"], "pager_reads": editor.paging()["reads"],
             "peak_rss_mb": peak_rss_mb(),
         }
         results.append(row)
@@ -111,7 +111,7 @@ def _template(editor: Editor, request, out: Path) -> Patch:
     (the copies then read its file)."""
     template = editor.edit(request, save=False, evaluate=False)
     editor.remove(template)
-    if editor.pager.capacity is not None:
+    if editor.paging()["resident"] is not None:
         template.save(out / "template", overwrite=True)
     return template
 
@@ -187,15 +187,14 @@ def _index_against_exhaustive(editor: Editor, requests, target: list[int], timed
     out: dict[str, Any] = {}
     fired = {}
     for index in (True, False):
-        editor.router.index = index
-        fired[index] = [sorted(r.fired) for r in editor.route(prompts, patches=candidates)]
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            editor.route(timed, patches=candidates)
-            times.append(time.perf_counter() - t0)
+        with editor.options(index=index):
+            fired[index] = [sorted(r.fired) for r in editor.route(prompts, patches=candidates)]
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                editor.route(timed, patches=candidates)
+                times.append(time.perf_counter() - t0)
         out[f"s_route_batch_{'index' if index else 'exhaustive'}"] = round(statistics.median(times), 4)
-    editor.router.index = True
     differ = [i for i, (a, b) in enumerate(zip(fired[True], fired[False])) if a != b]
     out["index_differs_rows"] = len(differ)
     out["index_misses"] = sum(len(set(fired[False][i]) - set(fired[True][i])) for i in differ)

@@ -1,0 +1,1 @@
+"""Engines that implement `serve.engine.Engine`."""
