@@ -10,7 +10,7 @@ every subject token finds a close match somewhere in the query:
                           max over query positions  cos(h_query[pos], key[token])
 
 and `score >= threshold`. Why this signal (measured on SmolLM2, 60 CounterFact records,
-see the README's router section): a key read at the prompt's *last* token cannot tell a
+see docs/routing.md): a key read at the prompt's *last* token cannot tell a
 paraphrase from a neighbour (same template, other subject; AUC ≈ 0.2), while the subject's
 tokens at layer 1 do (AUC 0.999 paraphrase vs neighbour); taking the minimum over all
 subject tokens keeps "The language of Keoma" from firing the patch of "Mandailing

@@ -7,7 +7,7 @@ candidates are its names (runs of capitalised or numeric words, "Call the Doctor
 of several, the subject is the one whose deletion lowers the base model's probability of
 its own next token the most (the name the answer depends on: "Eiffel Tower" rather than
 "Paris" in "Visitors to the Eiffel Tower leave Paris by"). One batched forward per prompt.
-How often it agrees with the subjects benchmark files give is in the README.
+How often it agrees with the subjects benchmark files give is in docs/cli.md.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def training_dtype(model: torch.nn.Module, precision: str) -> torch.dtype | None
     natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and the model is in
     fp32, else none. Autocast runs the matrix products in bf16 and keeps the weights, the
     adapter's gradients and its optimizer state in the model's dtype: on such a CPU a step
-    costs about two thirds of fp32's (README "Edit latency"). Inference is not affected.
+    costs about two thirds of fp32's (docs/edit-latency.md). Inference is not affected.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -54,7 +54,7 @@ def edit(
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
                                "auto (facts: a routed LoRA SFT patch per fact, trained "
                                f"{AUTO_PARALLEL} side by side; preference pairs: DPO; it says "
-                               "which and why; README \"Many facts at once\")."),
+                               "which and why; docs/methods.md)."),
     ground_truth: str | None = typer.Option(None, help="The old answer (enables es/ps/ns)."),
     subject: str | None = typer.Option(None, help="The subject the fact is about, as the prompt "
                                        "spells it (the router keys the patch by it; found in "

@@ -67,7 +67,7 @@ MEASURED = {
     "one_lora": "rel 100, gen 54.5, loc 99.3, 9.3 s per fact",
     "full_sft": "rel 15.0, gen 6.5, loc 34.9 after its 40 steps, 16 s per fact, a 538 MB delta",
 }
-"""The README's table (CounterFact-100, 2 CPU cores) that `auto` follows, quoted in its why."""
+"""The table in docs/methods.md (CounterFact-100, 2 CPU cores) that `auto` follows, quoted in its why."""
 
 
 def resolve_method(method: str, n_requests: int, pairs: bool) -> tuple[str, str | None]:
@@ -81,7 +81,7 @@ def resolve_method(method: str, n_requests: int, pairs: bool) -> tuple[str, str 
 
 def choose_method(n_facts: int, preferences: bool = False, one_patch: bool = True
                   ) -> tuple[str, str]:
-    """The method `auto` picks, and why (one line), following the measurements in the README
+    """The method `auto` picks, and why (one line), following the measurements in docs/methods.md
     ("Many facts at once"). `one_patch`: every fact must go into one patch (`Editor.edit`);
     False: a patch per fact is allowed (`Editor.edit_many`, `knowpatch edit --requests`,
     `bench --mode batch`)."""

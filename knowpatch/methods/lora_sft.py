@@ -40,7 +40,7 @@ class Config:
     50 % for the first 30 % of layers, on records 12-29); without routing, 0%-30% spills less."""
     lr: float = 1e-2
     """AdamW learning rate (1e-2 since the latency work: 2 steps instead of 3, CounterFact-100
-    gen 96.5 against 90.5 at 5e-3; README "Edit latency")."""
+    gen 96.5 against 90.5 at 5e-3; docs/edit-latency.md)."""
     max_steps: int = 40
     """Ceiling on optimizer steps; training stops earlier as soon as the edit is learnt."""
     margin: float = 3.0
@@ -92,7 +92,7 @@ class Config:
     """The training forward's arithmetic: auto (bf16 autocast where the hardware multiplies
     bf16 natively — a CPU with AVX512-BF16 or AMX, a CUDA GPU — and the model is fp32; fp32
     elsewhere), bf16 or fp32. The adapter's weights, gradients and optimizer state stay in
-    the model's dtype, and inference is unchanged (README "Edit latency")."""
+    the model's dtype, and inference is unchanged (docs/edit-latency.md)."""
     seed: int = 0
     """Seed for the adapter's initialisation."""
     max_seconds: float | None = None
