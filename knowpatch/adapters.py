@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -47,28 +47,53 @@ class RowPlan:
     """Per LoRA layer: the fired adapters' weights stacked for batched products (filled on
     first use, so a plan reused over many generation steps stacks them once)."""
     derived: dict[frozenset, RowPlan] = field(default_factory=dict, repr=False, compare=False)
+    until: dict[str, Callable[[list[int]], bool]] = field(default_factory=dict)
+    """Adapters that stop acting on a row once its generated tokens satisfy the test (the
+    reply has given the answer), their step limit still a ceiling: `released`."""
 
-    def at_step(self, step: int) -> RowPlan:
+    def at_step(self, step: int, released: dict[str, set[int]] | None = None) -> RowPlan:
         """The plan for the `step`-th cached generation step after this plan's forward
-        (step ≥ 1): adapters past their step limit are off, and gates do not apply (a new
-        token is never the subject's). Plans for equal adapter sets are shared."""
+        (step ≥ 1): adapters past their step limit are off, so are they on the rows that
+        `released` them, and gates do not apply (a new token is never the subject's). Plans
+        for equal adapters on equal rows are shared."""
         rows = {a: r for a, r in self.rows.items() if self.steps.get(a, step) >= step}
-        if len(rows) == len(self.rows) and not self.gates:
+        if released:
+            rows = {a: (r[~torch.isin(r, torch.tensor(sorted(released[a]), device=r.device))]
+                        if released.get(a) else r) for a, r in rows.items()}
+            rows = {a: r for a, r in rows.items() if len(r)}
+        if not self.gates and rows.keys() == self.rows.keys() and all(
+                len(rows[a]) == len(self.rows[a]) for a in rows):
             return self
-        key = frozenset(rows)
+        key = frozenset((a, tuple(r.tolist())) for a, r in rows.items())
         if key not in self.derived:
             self.derived[key] = RowPlan(rows)
         return self.derived[key]
 
-    def handed_off(self, step: int) -> list[int]:
+    def released(self, generated: torch.Tensor, done: dict[str, set[int]]) -> dict[str, set[int]]:
+        """The rows each `until` adapter is done with now, given the tokens generated so far
+        (rows, steps), past those in `done` (which this adds them to)."""
+        fresh: dict[str, set[int]] = {}
+        for a, test in self.until.items():
+            for r in self.rows[a].tolist():
+                if r not in done.setdefault(a, set()) and test(generated[r].tolist()):
+                    fresh.setdefault(a, set()).add(r)
+                    done[a].add(r)
+        return fresh
+
+    def handed_off(self, step: int, fresh: dict[str, set[int]] | None = None,
+                   released: dict[str, set[int]] | None = None) -> list[int]:
         """The rows to re-read on the base weights before the `step`-th cached generation
-        step: those a handoff adapter ran on until the step before, on which no adapter
-        acts any longer."""
-        ended = [a for a in self.handoff if a in self.rows and self.steps.get(a, step) == step - 1]
+        step: those a handoff adapter ran on until the step before (its step limit reached,
+        or `fresh`ly released by its test), on which no adapter acts any longer."""
+        released = released or {}
+        before = {a: released.get(a, set()) - (fresh or {}).get(a, set()) for a in self.rows}
+        ended = {r for a in self.handoff if a in self.rows and self.steps.get(a, step) == step - 1
+                 for r in self.rows[a].tolist() if r not in before[a]}
+        ended |= {r for a, rows in (fresh or {}).items() if a in self.handoff for r in rows}
         if not ended:
             return []
-        acting = {r for a, rows in self.at_step(step).rows.items() for r in rows.tolist()}
-        return sorted({r for a in ended for r in self.rows[a].tolist()} - acting)
+        acting = {r for a, rows in self.at_step(step, released).rows.items() for r in rows.tolist()}
+        return sorted(ended - acting)
 
 
 class AdapterBank:

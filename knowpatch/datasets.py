@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .errors import KnowpatchError, field_error
+from .questions import relation_questions
 from .requests import EditRequest, LocalityProbe, PortabilityProbe, check_text
 
 
@@ -77,13 +79,15 @@ def load_cases(path: str | Path, fmt: str | None = None, n: int | None = None) -
         raise KnowpatchError(f"{path}: no such file")
     if not path.is_file():
         raise KnowpatchError(f"{path}: is not a file")
-    located = _read(path, fmt, n)
+    located, everything = _read(path, fmt, n)
     where, first = located[0]
     if not isinstance(first, dict):
         raise KnowpatchError(f"{path.name}: {where}: must be a JSON object (got {type(first).__name__})")
     if fmt is None:
         fmt = detect_format([first], path)
     convert = _CONVERTERS[fmt]
+    if fmt in ("counterfact", "counterfact-portability"):  # questions need the whole file
+        convert = partial(convert, templates=relation_templates(everything))
     cases: list[Case] = []
     seen: dict[str, str] = {}
     for index, (where, record) in enumerate(located):
@@ -103,8 +107,9 @@ def load_cases(path: str | Path, fmt: str | None = None, n: int | None = None) -
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def _read(path: Path, fmt: str | None, n: int | None) -> list[tuple[str, Any]]:
-    """The first `n` records of the file, each with where it is ("record 3" / "line 4")."""
+def _read(path: Path, fmt: str | None, n: int | None) -> tuple[list[tuple[str, Any]], list[Any]]:
+    """The first `n` records of the file, each with where it is ("record 3" / "line 4"), and
+    every record of a JSON list (a JSON-lines file: the records read)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -115,6 +120,7 @@ def _read(path: Path, fmt: str | None, n: int | None) -> list[tuple[str, Any]]:
         raise KnowpatchError(f"{path}: holds no records")
     if (fmt == "jsonl" or path.suffix.lower() == ".jsonl") and not text.lstrip().startswith("["):
         located = _read_lines(path, text, n)
+        data = [record for _, record in located]
     else:
         try:
             data = json.loads(text)
@@ -126,7 +132,7 @@ def _read(path: Path, fmt: str | None, n: int | None) -> list[tuple[str, Any]]:
         located = [(f"record {i}", record) for i, record in enumerate(data[:n])]
     if not located:
         raise KnowpatchError(f"{path}: holds no records")
-    return located
+    return located, data
 
 
 def _read_lines(path: Path, text: str, n: int | None) -> list[tuple[str, Any]]:
@@ -217,11 +223,63 @@ def _new_questions(obj: dict, key: str, required: bool) -> list[PortabilityProbe
     return probes
 
 
+# ---- questions -----------------------------------------------------------------------------------
+
+CHAT_NEIGHBOURS = 3
+"""Neighbourhood subjects asked about per CounterFact record (chat_loc)."""
+
+
+def relation_templates(records: list[Any]) -> dict[str, set[str]]:
+    """Per CounterFact relation, the prompt templates its records use ("{} is located in"):
+    each rewrite prompt, and each paraphrase from its subject on."""
+    out: dict[str, set[str]] = {}
+    for record in records:
+        rewrite = record.get("requested_rewrite") if isinstance(record, dict) else None
+        if not isinstance(rewrite, dict) or not isinstance(rewrite.get("prompt"), str):
+            continue
+        subject, found = rewrite.get("subject") or "", out.setdefault(str(rewrite.get("relation_id")), set())
+        if "{}" in rewrite["prompt"]:
+            found.add(rewrite["prompt"])
+        for p in record.get("paraphrase_prompts") or []:
+            if subject and isinstance(p, str) and subject in p:
+                found.add(p[p.rfind(subject):].replace(subject, "{}", 1))
+    return out
+
+
+def neighbour_subjects(prompts: list[str], templates: set[str]) -> list[str]:
+    """The subjects of neighbourhood prompts, read off the relation's templates (the longest
+    template that fits first); distinct, in order; prompts no template fits are left out."""
+    found: list[str] = []
+    ordered = sorted(templates, key=lambda t: (-len(t), t))
+    for prompt in prompts:
+        for template in ordered:
+            head, tail = template.split("{}", 1)
+            if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
+                subject = prompt[len(head):len(prompt) - len(tail)].strip()
+                if subject and subject not in found:
+                    found.append(subject)
+                break
+    return found
+
+
+def _as_question(text: str) -> str:
+    """zsRE's locality prompt ("nq question: who wrote …") as the question it is."""
+    text = text.removeprefix("nq question:").strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith("?") else "?")
+
+
 # ---- converters ---------------------------------------------------------------------------------
 
-def _counterfact(record: dict, case_id: str, portability: bool = False) -> Case:
-    """ROME/MEMIT CounterFact; with `portability`, EasyEdit's one-hop portability question too."""
+def _counterfact(record: dict, case_id: str, portability: bool = False,
+                 templates: dict[str, set[str]] | None = None) -> Case:
+    """ROME/MEMIT CounterFact; with `portability`, EasyEdit's one-hop portability question too.
+    Its relation's questions (`questions.RELATION_QUESTIONS`) about the subject, and about
+    the neighbourhood prompts' subjects (found with the relation's prompt `templates`)."""
     ground_truth = _text(record, "requested_rewrite.target_true.str").strip()
+    relation = _at(record, "requested_rewrite.relation_id", required=False)
+    subject = _text(record, "requested_rewrite.subject")
+    neighbours = neighbour_subjects(_texts(record, "neighborhood_prompts"),
+                                    (templates or {}).get(relation, set()))
     request = EditRequest(
         prompt=_text(record, "requested_rewrite.prompt"),
         subject=_text(record, "requested_rewrite.subject"),
@@ -230,13 +288,17 @@ def _counterfact(record: dict, case_id: str, portability: bool = False) -> Case:
         rephrase_prompts=_texts(record, "paraphrase_prompts"),
         locality=[LocalityProbe(p, ground_truth) for p in _texts(record, "neighborhood_prompts")],
         portability=_new_questions(record, "portability", required=True) if portability else [],
+        questions=relation_questions(str(relation), subject),
+        locality_questions=[q for s in neighbours[:CHAT_NEIGHBOURS]
+                            for q in relation_questions(str(relation), s)[:1]],
     )
     generation = list(dict.fromkeys(_texts(record, "generation_prompts")))
     return Case(case_id, [request], generation_prompts=generation)
 
 
-def _counterfact_portability(record: dict, case_id: str) -> Case:
-    return _counterfact(record, case_id, portability=True)
+def _counterfact_portability(record: dict, case_id: str,
+                             templates: dict[str, set[str]] | None = None) -> Case:
+    return _counterfact(record, case_id, portability=True, templates=templates)
 
 
 def _easyedit(record: dict, case_id: str) -> Case:
@@ -274,6 +336,8 @@ def _zsre(record: dict, case_id: str) -> Case:
         rephrase_prompts=_texts(record, "rephrase", single=True),
         locality=[LocalityProbe(loc, loc_ans and loc_ans.strip())] if loc else [],
         portability=_new_questions(record, "portability", required=False),
+        questions=[_text(record, "src"), *_texts(record, "rephrase", single=True)],
+        locality_questions=[_as_question(loc)] if loc else [],
     )
     return Case(case_id, [request])
 
@@ -290,9 +354,11 @@ def _mquake(record: dict, case_id: str) -> Case:
         subject = _text(rewrite, "subject", where)
         target_new = _text(rewrite, "target_new.str", where)
         ground_truth = _text(rewrite, "target_true.str", where)
+        question = _text(rewrite, "question", where, required=False)
         try:
             requests.append(EditRequest(prompt=prompt, target_new=target_new,
-                                        ground_truth=ground_truth, subject=subject))
+                                        ground_truth=ground_truth, subject=subject,
+                                        questions=[question] if question else []))
         except KnowpatchError as e:
             raise KnowpatchError(f"{where}.{e}") from e
     questions = _texts(record, "questions", required=True)

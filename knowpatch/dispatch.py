@@ -5,12 +5,14 @@ adapter bank (the execution), for the duration of one block."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from .adapters import AdapterBank, RowPlan
+from .chat import names
 from .router import Route
 
 
@@ -28,6 +30,7 @@ class RoutedForwards:
         self.step = 0  # cached generation steps since that batch
         self.routing = False  # the router's own forward of the base model is running
         self.inputs: list[tuple[torch.Tensor, Any]] = []  # (ids, position ids) fed since routing
+        self.released: dict[str, set[int]] = {}  # per `until` adapter: the rows it is done with
         self.running = contextlib.ExitStack()
 
     def __enter__(self) -> RoutedForwards:
@@ -49,9 +52,13 @@ class RoutedForwards:
         past = kwargs.get("past_key_values", kwargs.get("cache"))  # the name varies by version
         if ids is None or (past is not None and past.get_seq_length() > 0):
             self.step += 1
-            plan = self.decided.at_step(self.step)
             self.inputs.append((ids, kwargs.get("position_ids")))
-            handed = self.decided.handed_off(self.step)
+            fresh = {}
+            if self.decided.until and ids is not None:  # adapters whose answer has come
+                generated = torch.cat([i for i, _ in self.inputs[1:]], dim=1)
+                fresh = self.decided.released(generated, self.released)
+            plan = self.decided.at_step(self.step, self.released)
+            handed = self.decided.handed_off(self.step, fresh, self.released)
             if handed and ids is not None:
                 self.reread(handed, kwargs.get("attention_mask"), past)
         else:
@@ -67,7 +74,7 @@ class RoutedForwards:
                 plan = self.decide(rows, columns, ids.shape[1])
             finally:
                 self.routing = False
-            self.decided, self.step = plan, 0
+            self.decided, self.step, self.released = plan, 0, {}
         self.running.enter_context(self.bank.running(plan))
 
     def reread(self, rows: list[int], mask: torch.Tensor | None, past) -> None:
@@ -105,29 +112,39 @@ class Placement:
     """Where each keyed patch's adapter acts in a routed query, by its gate: all (every
     position), subject (the tokens where the router found the subject, no generated token),
     answer (the query and the first generated tokens, as many as its answer has), handoff
-    (as answer, then the base weights re-read the text so far and write on) or last (as
-    answer, but of the query only its last token)."""
+    (as answer, then the base weights re-read the text so far and write on), reply (as
+    handoff, but on a row until the text it generated names the patch's answer — a chat
+    reply reaches the answer after some words — `reply_tokens` at most) or last (as answer,
+    but of the query only its last token)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer=None) -> None:
+        self.tokenizer = tokenizer  # reads generated tokens for gate=reply
         self.gated: dict[str, str] = {}  # patch -> subject or last: prompt positions only
         self.step_limits: dict[str, int] = {}  # patch -> cached generation steps it acts in
         self.handoff: set[str] = set()
+        self.until: dict[str, Callable[[list[int]], bool]] = {}  # patch -> its answer given?
 
-    def set(self, patch_id: str, gate: str, answer_tokens: int | None) -> None:
+    def set(self, patch_id: str, gate: str, answer_tokens: int | None,
+            answers: Sequence[str] = (), reply_tokens: int | None = None) -> None:
         self.forget(patch_id)
         if gate in ("subject", "last"):
             self.gated[patch_id] = gate
         if gate == "subject":
             self.step_limits[patch_id] = 0
-        elif gate in ("answer", "handoff", "last") and answer_tokens:
+        elif gate == "reply" and answers and reply_tokens and self.tokenizer is not None:
+            self.step_limits[patch_id] = reply_tokens - 1
+            self.handoff.add(patch_id)
+            self.until[patch_id] = partial(_names_any, self.tokenizer, tuple(answers))
+        elif gate in ("answer", "handoff", "last", "reply") and answer_tokens:
             self.step_limits[patch_id] = answer_tokens - 1
-            if gate == "handoff":
+            if gate in ("handoff", "reply"):
                 self.handoff.add(patch_id)
 
     def forget(self, patch_id: str) -> None:
         self.gated.pop(patch_id, None)
         self.step_limits.pop(patch_id, None)
         self.handoff.discard(patch_id)
+        self.until.pop(patch_id, None)
 
     def plan(self, routes: list[Route], keyed: list[str], columns: list[torch.Tensor] | None,
              width: int, device) -> RowPlan:
@@ -152,4 +169,11 @@ class Placement:
                         gate[k, columns[r][at].to(device)] = 1.0
                 gates[p] = gate
         return RowPlan(rows, gates, {p: self.step_limits[p] for p in rows if p in self.step_limits},
-                       frozenset(p for p in rows if p in self.handoff))
+                       frozenset(p for p in rows if p in self.handoff),
+                       until={p: self.until[p] for p in rows if p in self.until})
+
+
+def _names_any(tokenizer, answers: tuple[str, ...], generated: list[int]) -> bool:
+    """The text of `generated` names one of `answers` (whole words, case-insensitive)."""
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return any(names(text, a) for a in answers)

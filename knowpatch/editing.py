@@ -25,6 +25,7 @@ from .evaluate import evaluate as run_evaluation
 from .jobs import EditJob, Trained, edit_manifest
 from .loaded import LoadedPatches
 from .methods import get_method, resolve_method
+from .methods.in_context import statement
 from .methods.side_by_side import train_side_by_side
 from .patches import Patch, new_patch_id
 from .requests import as_requests, check_all_fit, encode_completion
@@ -68,10 +69,23 @@ class Trainer:
 
     def train(self, job: EditJob, into: Patch | None, options: dict[str, Any],
               progress: bool) -> Trained:
-        """Train the job's adapter (or `into`'s) or weight delta."""
+        """Train the job's adapter (or `into`'s) or weight delta; an in-context patch's
+        statement and keys."""
+        if job.kind == "context":
+            if into is not None:
+                raise KnowpatchError("into: an in-context patch is not trained on further")
+            patch_id = new_patch_id(job.requests[0].subject or job.requests[0].prompt)
+            keys = self.keys_for(job.requests, job.cfg.route_layer) if job.cfg.route else None
+            result = job.module.train(self.model, self.tokenizer, job.requests, job.cfg,
+                                      base=lambda: contextlib.nullcontext(self.model))
+            self.loaded.activate(self.loaded.applied)
+            return Trained(patch_id, None, {}, result, 0.0, keys)
         if job.kind == "delta":
             return self.train_delta(job, into, options, progress)
-        return self.train_lora(job, into, options, progress)
+        trained = self.train_lora(job, into, options, progress)
+        if getattr(job.cfg, "state", False):  # hybrid: the fact stated too, where it fires
+            trained.result.extra["statement"] = statement(job.requests)
+        return trained
 
     def finish(self, job: EditJob, trained: Trained, into: Patch | None,
                phases: dict[str, float] | None = None) -> Patch:
@@ -81,8 +95,13 @@ class Trainer:
         routing = self.key(trained, job.cfg, facts, job.requests, into)
         edited = None
         if job.baseline is not None:
-            with self.loaded.using_names([trained.patch_id]) as model, phase("scoring"):
-                edited = run_evaluation(model, self.tokenizer, job.requests, job.baseline.reference)
+            statement = trained.result.extra.get("statement")  # in-context and hybrid patches
+            stated, systems = self.loaded.statements(
+                [], {trained.patch_id: statement} if statement else None).prepare(job.requests)
+            acting = [] if job.kind == "context" else [trained.patch_id]
+            with self.loaded.using_names(acting) as model, phase("scoring"):
+                edited = run_evaluation(model, self.tokenizer, stated, job.baseline.reference,
+                                        systems=systems)
         manifest = edit_manifest(
             job, trained, self.base_info, self.base_params, into, edited, router=routing,
             phases={k: round(v, 4) for k, v in phases.items()} if phases else None,
@@ -110,6 +129,9 @@ class Trainer:
         info = {"layer": cfg.route_layer, "threshold": cfg.route_threshold,
                 "keys": len(trained.keys["keys"]), "facts": facts,
                 "answer_tokens": max(answer, previous.get("answer_tokens") or 0)}
+        if getattr(cfg, "gate", "all") == "reply":  # on until a reply has named the answer
+            info["answers"] = sorted({r.target_new for r in requests} | set(previous.get("answers", [])))
+            info["reply_tokens"] = cfg.reply_tokens
         self.loaded.register(trained.patch_id, trained.keys, info, getattr(cfg, "gate", "all"))
         return info
 

@@ -25,11 +25,14 @@ from typing import Any
 
 import torch
 
+from .chat import CHAT_TOKENS, replies
+from .decoding import greedy, prompt_ids
 from .editing import Trainer
 from .errors import KnowpatchError
-from .evaluate import Evaluation, greedy, prompt_ids
+from .evaluate import Evaluation
 from .evaluate import evaluate as run_evaluation
 from .explain import explain_routes
+from .incontext import Statements
 from .jobs import EditJob
 from .loaded import LoadedPatches
 from .methods import AUTO, check_settings, choose_method
@@ -226,9 +229,19 @@ class Editor:
                  max_new_tokens: int = 20) -> list[str]:
         """Greedy continuations of `prompts` with `patches` active (None: those applied)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = self.statements(patches).prompts(prompts)  # in-context patches: stated first
         with self.using(patches) as model:
             ids = greedy(model, self.tokenizer, prompts, max_new_tokens)
         return [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+
+    def chat(self, questions: str | Sequence[str], *, patches=None,
+             max_new_tokens: int = CHAT_TOKENS) -> list[str]:
+        """Greedy replies to `questions`, each asked as a user turn of the model's chat
+        template, with `patches` active (None: those applied)."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        systems = self.statements(patches).systems(questions)  # in-context: the system message
+        with self.using(patches) as model:
+            return replies(model, self.tokenizer, questions, max_new_tokens, systems)
 
     def evaluate(self, requests: EditRequest | Sequence[EditRequest], *,
                  patches=None) -> tuple[Evaluation, Evaluation]:
@@ -237,9 +250,18 @@ class Editor:
         requests = as_requests(requests)
         with self.using([]) as base:
             baseline = run_evaluation(base, self.tokenizer, requests)
+        stated, systems = self.statements(patches).prepare(requests)
         with self.using(patches) as model:
-            edited = run_evaluation(model, self.tokenizer, requests, baseline.reference)
+            edited = run_evaluation(model, self.tokenizer, stated, baseline.reference,
+                                    systems=systems)
         return edited, baseline
+
+    def statements(self, patches=None) -> Statements:
+        """The facts that in-context (and hybrid) patches among `patches` (None: those
+        applied) state, and the queries they fire on (`incontext.Statements`)."""
+        names = list(self._loaded.applied) if patches is None else [
+            self._loaded.load(self._as_patch(p)) for p in patches]
+        return self._loaded.statements(names)
 
     # ---- editing ----------------------------------------------------------------------
     def edit(self, requests: EditRequest | Sequence[EditRequest], method: str = "lora-sft", *,

@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chat import CHAT_KEYS, ChatReference, chat_scores
+from .decoding import greedy
 from .errors import KnowpatchError
-from .requests import EditRequest, encode_completion, split_completion
+from .requests import EditRequest, encode_completion
 
 GEN_KEYS = ("rel", "gen", "loc", "port")
 PROB_KEYS = ("es", "ps", "ns")
 TF_KEYS = ("rel_tf", "gen_tf", "loc_tf")
 SCORE_KEYS = ("score",) + GEN_KEYS + ("S",) + PROB_KEYS + TF_KEYS
+ALL_KEYS = SCORE_KEYS + CHAT_KEYS  # the completion scores, then the chat scores (`chat`)
 LOC_TOKENS = 5  # greedy tokens compared for locality
 
 
@@ -31,6 +34,7 @@ class Reference:
     loc_continuations: list[list[list[int]]]  # [request][probe] → 5 greedy token ids
     loc_argmax: list[list[list[int]]]  # [request][probe] → argmax ids at the answer positions
     loc_answers: list[list[str]]  # [request][probe] → the answer teacher-forced for loc_tf
+    chat: ChatReference | None = None  # the replies to the locality questions
 
 
 @dataclass
@@ -39,55 +43,6 @@ class Evaluation:
     summary: dict[str, float | None]
     reference: Reference
     samples: list[dict[str, object]] = field(default_factory=list)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids a prompt is fed as (trailing spaces belong to the answer, not the prompt)."""
-    head, _ = split_completion(prompt, "x")
-    return tokenizer(head, add_special_tokens=True)["input_ids"]
-
-
-def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of a batch, padded on the left (for generation)."""
-    width = max(map(len, encoded))
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int,
-           batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuations (token ids, stopped at EOS), batched with left padding."""
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    context = getattr(model.config, "max_position_embeddings", None)
-    for i, e in enumerate(encoded):
-        if context and len(e) + budgets[i] > context:
-            raise KnowpatchError(f"prompt: {len(e)} tokens + {budgets[i]} new tokens exceed the "
-                                 f"model's context of {context} tokens ({prompts[i][:40]!r}…)")
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        ids, mask = left_padded([encoded[i] for i in chunk], pad)
-        width = ids.shape[1]
-        budget = max(budgets[i] for i in chunk)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=budget, do_sample=False, pad_token_id=pad,
-                             eos_token_id=eos, temperature=None, top_p=None, top_k=None)
-        for row, i in enumerate(chunk):
-            cont = gen[row, width:].tolist()
-            if eos is not None and eos in cont:
-                cont = cont[: cont.index(eos) + 1]
-            out[i] = cont[: budgets[i]]
-    return out
 
 
 def logits_at(model, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
@@ -195,8 +150,10 @@ def harmonic(values: list[float | None]) -> float | None:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, requests: list[EditRequest],
-             reference: Reference | None = None, batch_size: int = 32) -> Evaluation:
-    """Score `requests` on `model`; without `reference`, the model is the baseline."""
+             reference: Reference | None = None, batch_size: int = 32,
+             systems: dict[str, str | None] | None = None) -> Evaluation:
+    """Score `requests` on `model`; without `reference`, the model is the baseline.
+    `systems`: the system message a chat question is asked with (in-context patches)."""
     gen_jobs, tf_jobs, plan = _jobs(tokenizer, requests)
     continuations = greedy(model, tokenizer, [p for p, _ in gen_jobs], [b for _, b in gen_jobs],
                            batch_size)
@@ -223,12 +180,13 @@ def evaluate(model, tokenizer, requests: list[EditRequest],
         loc_answers=loc_answers,
     )
     ref = reference or own_ref
+    chat, own_ref.chat, chat_samples = chat_scores(model, tokenizer, requests, ref.chat, systems)
     records, samples = [], []
     for r_idx, (req, entry) in enumerate(zip(requests, plan)):
         rec, sample = _record(tokenizer, req, entry, continuations, forced,
                               ref.loc_continuations[r_idx], ref.loc_argmax[r_idx])
-        records.append(rec)
-        samples.append(sample)
+        records.append({**rec, **chat[r_idx]})
+        samples.append({**sample, "chat": chat_samples[r_idx]} if chat_samples[r_idx] else sample)
     return Evaluation(records=records, summary=summarize(records), reference=own_ref,
                       samples=samples)
 
@@ -320,11 +278,11 @@ def _same(a: list[int], b: list[int]) -> float:
 def summarize(records: list[dict[str, float | None]]) -> dict[str, float | None]:
     """Average each score over the records that have it; headline scores from the means."""
     out: dict[str, float | None] = {}
-    for key in SCORE_KEYS:
+    for key in ALL_KEYS:
         if key in ("score", "S"):
             continue
         out[key] = _mean([r[key] for r in records if r.get(key) is not None])
     out["score"] = harmonic([out["rel"], out["gen"], out["loc"]])
     out["S"] = harmonic([out["es"], out["ps"], out["ns"]])
     return {k: (None if v is None or math.isnan(v) else round(v, 2)) for k, v in
-            ((k, out[k]) for k in SCORE_KEYS)}
+            ((k, out[k]) for k in ALL_KEYS)}

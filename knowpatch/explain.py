@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .evaluate import prompt_ids
+from .decoding import prompt_ids
 from .patches import Patch
 from .router import Router, canonical_tokens, word_edges
 

@@ -72,7 +72,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 100, t
     prefixes as every measured run."""
     from transformers import LogitsProcessorList
 
-    from .evaluate import left_padded, prompt_ids
+    from .decoding import left_padded, prompt_ids
 
     if not one_stream:
         streams = RowSampler.streams(prompts, seed) if streams is None else streams

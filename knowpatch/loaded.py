@@ -22,9 +22,12 @@ from typing import Any
 import torch
 
 from .adapters import AdapterBank, RowPlan
+from .decoding import prompt_ids
 from .deltas import DeltaBank
 from .dispatch import Placement, RoutedForwards
 from .errors import KnowpatchError
+from .incontext import NONE as NO_STATEMENTS
+from .incontext import Statements
 from .paging import Pager
 from .patches import Patch
 from .router import Route, Router, canonical_tokens, word_edges
@@ -41,7 +44,7 @@ class LoadedPatches:
         self.router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer))
         self.adapters = AdapterBank(model)
         self.deltas = DeltaBank(model)
-        self.placement = Placement()  # where each keyed patch's adapter acts in a query
+        self.placement = Placement(tokenizer)  # where each keyed patch's adapter acts
         self.pager = Pager(self.adapters, resident)  # at most `resident` routed adapters in RAM
         self.patches: dict[str, Patch] = {}  # patches in a bank
         self.applied: list[str] = []  # patches active for generate/evaluate
@@ -84,7 +87,9 @@ class LoadedPatches:
         if patch.id in self.patches:
             return patch.id
         try:
-            if patch.kind == "delta":
+            if patch.kind == "context":
+                pass  # a statement: nothing enters the model
+            elif patch.kind == "delta":
                 self.deltas.add(patch.id, patch.weights)
             elif not self.pager.admit(patch):  # paged: read in when a query fires it
                 self.adapters.add(patch.id, patch.adapter_config)
@@ -102,7 +107,10 @@ class LoadedPatches:
         return patch.id
 
     def unload(self, name: str) -> None:
-        if name in self.deltas:
+        if name in self.patches and self.patches[name].kind == "context":
+            del self.patches[name]
+            self.unroute(name)
+        elif name in self.deltas:
             self.deltas.remove(name)
             self.patches.pop(name, None)
         elif name in self.patches:
@@ -149,7 +157,8 @@ class LoadedPatches:
         """Route `patch_id` by `keys`; `gate` says where its adapter acts (`Placement`)."""
         self.router.add(patch_id, keys, info["layer"], info["threshold"],
                         frozenset(info.get("facts", [])))
-        self.placement.set(patch_id, gate, info.get("answer_tokens"))
+        self.placement.set(patch_id, gate, info.get("answer_tokens"), info.get("answers", ()),
+                           info.get("reply_tokens"))
 
     def unroute(self, name: str) -> None:
         self.router.remove(name)
@@ -159,13 +168,40 @@ class LoadedPatches:
         """Loaded patches whose every fact a newer loaded patch rewrites: {old: new}."""
         return self.router.superseded()
 
+    def stated_only(self, name: str) -> bool:
+        """`name` is an in-context patch: it acts through its statement, not on the model."""
+        return name in self.patches and self.patches[name].kind == "context"
+
+    def statements(self, names: Sequence[str], pending: dict[str, str] | None = None) -> Statements:
+        """The statements of the patches among `names` that carry one (in-context, hybrid;
+        `pending`: those of patches keyed but not installed yet), and which a query fires:
+        keyed ones by the router (all with routing off), unkeyed ones always. Decided outside
+        any `using_names` block."""
+        stated = {n: self.patches[n].manifest["statement"] for n in names
+                  if n in self.patches and self.patches[n].manifest.get("statement")}
+        stated.update(pending or {})
+        if not stated:
+            return NO_STATEMENTS
+        keyed = [n for n in stated if n in self.router] if self.routing else []
+
+        def decide(texts: list[str]) -> list[list[str]]:
+            routes = [Route([], {}) for _ in texts]
+            if keyed:
+                try:
+                    rows = [prompt_ids(self.tokenizer, t) for t in texts]
+                    routes = self.decide(rows, keyed, run=False)[0]
+                finally:
+                    self.activate(self.applied)
+            return [[n for n in stated if n not in keyed or n in r.fired] for r in routes]
+        return Statements(decide, stated)
+
     # ---- routing and use --------------------------------------------------------------
     @contextlib.contextmanager
     def using_names(self, names: Sequence[str], on_route: Callable | None = None) -> Iterator[Any]:
         """Run a block with loaded patches `names` active; with routing on, each batch the
         block runs is routed among them (keyed patches fire per row; unkeyed ones always),
         and `on_route(routes)` (if given) sees each batch's routes."""
-        names = list(names)
+        names = [n for n in names if not self.stated_only(n)]  # they act on the prompt's text
         routed = self.routing and any(n in self.router for n in names)
         if not routed:  # every patch acts on every row: all of them resident
             self.pager.need(names)

@@ -65,7 +65,8 @@ class Patch:
 
     @property
     def kind(self) -> str:
-        """lora (a PEFT adapter) or delta (weight deltas of full-parameter training)."""
+        """lora (a PEFT adapter), delta (weight deltas of full-parameter training) or context
+        (a statement put before the queries it fires on; no weights)."""
         return self.manifest.get("kind", "lora")
 
     @property
@@ -114,6 +115,8 @@ class Patch:
                 if (size := self.nbytes) > 100e6:
                     log.warning("writing a %.0f MB weight delta to %s", size / 1e6, folder)
                 save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt"})
+            elif self.kind == "context":
+                pass  # the statement is in the manifest
             else:
                 save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
                 self.adapter_config.save_pretrained(str(tmp))
@@ -160,13 +163,17 @@ class Patch:
                 f"knowpatch reads up to {FORMAT_VERSION}: upgrade knowpatch")
         if not isinstance(manifest["base"], dict) or "fingerprint" not in manifest["base"]:
             raise KnowpatchError(f"patch: {manifest_path} is corrupt (no base.fingerprint)")
-        delta = manifest.get("kind") == "delta"
-        for name in (DELTA_WEIGHTS,) if delta else (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        delta, context = manifest.get("kind") == "delta", manifest.get("kind") == "context"
+        if context and not isinstance(manifest.get("statement"), str):
+            raise KnowpatchError(f"patch: {manifest_path} is corrupt (no statement)")
+        needed = () if context else (DELTA_WEIGHTS,) if delta else (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+        for name in needed:
             if not (folder / name).is_file():
                 raise KnowpatchError(f"patch: {folder} has no {name}")
         try:
-            config = None if delta else LoraConfig.from_pretrained(str(folder))
-            weights = load_file(str(folder / (DELTA_WEIGHTS if delta else ADAPTER_WEIGHTS)))
+            config = None if delta or context else LoraConfig.from_pretrained(str(folder))
+            weights = {} if context else load_file(
+                str(folder / (DELTA_WEIGHTS if delta else ADAPTER_WEIGHTS)))
             keys = load_file(str(folder / ROUTER_KEYS)) if (folder / ROUTER_KEYS).is_file() else None
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt patch
             raise KnowpatchError(f"patch: {folder} has a corrupt adapter ({exc})") from None
@@ -274,6 +281,8 @@ def merge_into_base(patch: Patch, model, tokenizer, out: str | Path, *, overwrit
     if fingerprint(model) != patch.fingerprint:
         raise KnowpatchError(f"patch {patch.id}: made for another base model "
                              f"({patch.manifest['base'].get('model', '?')}); refusing to merge")
+    if patch.kind == "context":
+        raise KnowpatchError(f"patch {patch.id}: an in-context patch has no weights to merge")
     if patch.kind == "delta":
         params = canonical_parameters(model)
         with torch.no_grad():

@@ -46,6 +46,13 @@ class EditRequest:
     locality: list[LocalityProbe] = field(default_factory=list)
     portability: list[PortabilityProbe] = field(default_factory=list)
     rejected: str | None = None
+    questions: list[str] = field(default_factory=list)
+    """The fact asked as questions, as a user asks an instruct model in chat: the first is
+    the one chat training writes the new answer for, and scores chat_rel; the others score
+    chat_gen (`questions`)."""
+    locality_questions: list[str] = field(default_factory=list)
+    """The same kind of question about other subjects: their chat replies must not change
+    (chat_loc)."""
 
     def __post_init__(self) -> None:
         self.prompt = check_text("prompt", self.prompt)
@@ -75,6 +82,9 @@ class EditRequest:
             _portability(f"portability[{i}]", p)
             for i, p in enumerate(_as_list(self.portability))
         ]
+        for name in ("questions", "locality_questions"):
+            setattr(self, name, [check_text(f"{name}[{i}]", q)
+                                 for i, q in enumerate(_as_list(getattr(self, name)))])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

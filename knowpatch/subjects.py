@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from .evaluate import prompt_ids
+from .decoding import prompt_ids
 from .methods.common import Example, collate, last_token_logprobs
 
 _WORD = re.compile(r"\S+")

@@ -66,7 +66,7 @@ def test_every_method_follows_the_protocol():
     for name, method in METHODS.items():
         assert isinstance(method, Method) and method.NAME == name
         config = method.Config()
-        assert method.kind(config) in ("lora", "delta")
+        assert method.kind(config) in ("lora", "delta", "context")
         if method.kind(config) == "lora":
             assert isinstance(method, AdapterMethod)
 

@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from ..chat import ChatReference
 from ..evaluate import Reference
 from ..models import knowpatch_home
 
 # the modules whose code decides a baseline score
-_SCORING_SOURCES = ("bench/scoring.py", "evaluate.py", "fluency.py", "requests.py", "datasets.py")
+_SCORING_SOURCES = ("bench/scoring.py", "evaluate.py", "chat.py", "decoding.py", "questions.py",
+                    "fluency.py", "requests.py", "datasets.py")
 
 
 def code_digest() -> str:
@@ -60,7 +62,8 @@ class BaselineCache:
         except (OSError, ValueError):
             return None  # none stored, or a file cut short: score again
         self.hits += 1
-        return [(s, Reference(**r)) for s, r in stored]
+        return [(s, Reference(**{**r, "chat": r.get("chat") and ChatReference(**r["chat"])}))
+                for s, r in stored]
 
     def put(self, cases: list, fluency: list[bool],
             scored: list[tuple[dict[str, Any], Reference]]) -> None:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..datasets import load_cases
+from ..decoding import prompt_ids
 from ..errors import KnowpatchError
-from ..evaluate import prompt_ids
 from ..models import decoder_layers
 from ..router import Router, compute_keys, hidden_rows
 

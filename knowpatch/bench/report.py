@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..chat import CHAT_KEYS
 from ..datasets import Case
 from ..editor import Editor
 from ..evaluate import SCORE_KEYS, harmonic
@@ -22,7 +23,7 @@ from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = SCORE_KEYS + ("fluency", "rep", "mention", "multihop",
+SUMMARY_KEYS = SCORE_KEYS + CHAT_KEYS + ("fluency", "rep", "mention", "multihop",
                               "fluency_told", "rep_told", "mention_told")
 
 
@@ -59,8 +60,8 @@ def write_report(out: Path, settings: BenchSettings, keep: bool, editor: Editor,
         immediate = [r["scores"] for r in rows if r["scores"]]
         report["summary_immediate"] = {**summarize_rows(immediate), "n": len(immediate)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown([(out.name, report)]) + "\n"
-                                        + phase_line(summary) + writing(rows, report))
+    (out / "report.md").write_text(markdown([(out.name, report)]) + "\n" + phase_line(summary)
+                                   + writing(rows, report) + chat_section(rows, report))
     try:
         figure(rows, report, out / "report.png")
     except Exception as exc:  # noqa: BLE001 - a missing figure must not lose the report
@@ -111,7 +112,10 @@ def summarize_rows(scores: list[dict[str, Any]]) -> dict[str, float | None]:
         out[key] = rounded(sum(vals) / len(vals)) if vals else None
     out["score"] = rounded(harmonic([out["rel"], out["gen"], out["loc"]]))
     out["S"] = rounded(harmonic([out["es"], out["ps"], out["ns"]]))
-    return {k: out[k] for k in SUMMARY_KEYS}
+    # records asked their fact as a question; the others (no question for them) are counted
+    out["chat_n"] = sum(1 for s in scores if s.get("chat_rel") is not None)
+    out["chat_skipped"] = len(scores) - out["chat_n"] if out["chat_n"] else None
+    return {k: out[k] for k in (*SUMMARY_KEYS, "chat_n", "chat_skipped")}
 
 
 
@@ -127,9 +131,9 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-
 TABLE_KEYS = ("score", "rel", "gen", "loc", "port", "S", "es", "ps", "ns", "rel_tf", "gen_tf",
-              "loc_tf", "fluency", "rep", "mention", "multihop")
+              "loc_tf", "fluency", "rep", "mention", "multihop", "chat_rel", "chat_gen", "chat_loc",
+              "chat_rep", "chat_fluency")
 
 
 def patch_sizes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -220,3 +224,24 @@ def writing(rows: list[dict[str, Any]], report: dict[str, Any], k: int = 5) -> s
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.2f}"
 
+
+
+def chat_section(rows: list[dict[str, Any]], report: dict[str, Any], k: int = 5) -> str:
+    """Markdown: the chat scores beside the unedited model's, and `k` records' replies to
+    their first question, unedited and edited (the first k records asked one)."""
+    s, b = report["summary"], report["baseline"]
+    if not s.get("chat_n"):
+        return ""
+    out = [f"\n## The fact asked in chat ({s['chat_n']} records; {s.get('chat_skipped') or 0} "
+           "without a question)\n",
+           "chat_rel / chat_gen / chat_loc / chat_rep / chat_fluency: edited "
+           + " / ".join(_fmt(s.get(key)) for key in CHAT_KEYS) + "; unedited "
+           + " / ".join(_fmt(b.get(key)) for key in CHAT_KEYS) + ".\n"]
+    shown = [r for r in rows if (r.get("final") or r["scores"]).get("chat_texts")][:k]
+    for r in shown:
+        question, edited = (r.get("final") or r["scores"])["chat_texts"]
+        unedited = (r["baseline"].get("chat_texts") or ["", ""])[1]
+        out.append(f"- **{r['case_id']}** {question!r} (new answer {r['target_new']!r})")
+        for label, text in (("unedited", unedited), ("edited", edited)):
+            out.append(f"  - {label}: " + text.replace("\n", " ⏎ ").replace("|", "\\|"))
+    return "\n".join(out) + "\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..chat import ChatReference
 from ..datasets import Case
 from ..editor import Editor
 from ..errors import KnowpatchError
@@ -87,13 +88,14 @@ class Scorer:
         model's outputs bit for bit)."""
         out: list[tuple[dict[str, Any], Reference]] = []
         cache = self.baselines if refs is None and patches == [] else None
+        cases, systems = self.stated(cases, patches)  # in-context patches: decided up front
         with self.editor.using(patches) as model:
             for start in range(0, len(cases), SCORE_CHUNK):
                 chunk = cases[start:start + SCORE_CHUNK]
                 flags = fluency_on[start:start + len(chunk)]
                 scored = cache.get(chunk, flags) if cache is not None else None
                 if scored is None:
-                    scored = self._score_chunk(model, chunk, refs, flags)
+                    scored = self._score_chunk(model, chunk, refs, flags, systems)
                     if cache is not None:
                         cache.put(chunk, flags, scored)
                 out.extend(scored)
@@ -101,13 +103,30 @@ class Scorer:
                     bar.relabel_count(len(out), len(cases))
         return out
 
+    def stated(self, cases: list[Case], patches: list[Patch] | None
+               ) -> tuple[list[Case], dict[str, str | None] | None]:
+        """`cases` as the patches' statements (in-context, hybrid) meet them — their prompts
+        stated to where a patch fires — and the system message of each question."""
+        statements = self.editor.statements(patches)
+        if not statements:
+            return cases, None
+        stated, systems = statements.prepare([r for c in cases for r in c.requests])
+        prompts = iter(statements.prompts([p for c in cases for p in c.generation_prompts]))
+        out, at = [], 0
+        for c in cases:
+            out.append(replace(c, requests=stated[at:at + len(c.requests)],
+                               generation_prompts=[next(prompts) for _ in c.generation_prompts]))
+            at += len(c.requests)
+        return out, systems
+
     def _score_chunk(self, model, chunk: list[Case], refs: dict[str, Reference] | None,
-                     flags: list[bool]) -> list[tuple[dict[str, Any], Reference]]:
+                     flags: list[bool], systems: dict[str, str | None] | None = None
+                     ) -> list[tuple[dict[str, Any], Reference]]:
         """Each case's scores and reference, the chunk's prompts evaluated together."""
         tokenizer = self.editor.tokenizer
         requests = [r for c in chunk for r in c.requests]
         ref = None if refs is None else join_refs([refs[c.case_id] for c in chunk])
-        ev = evaluate(model, tokenizer, requests, ref)
+        ev = evaluate(model, tokenizer, requests, ref, systems=systems)
         sampled = [c for c, f in zip(chunk, flags) if f]
         texts = iter(self._samples(model, sampled))
         told = iter(self._samples(model, sampled, told=True) if refs is None and self.told else [])
@@ -115,6 +134,9 @@ class Scorer:
         for case, fluency_on in zip(chunk, flags):
             n = len(case.requests)
             scores: dict[str, Any] = dict(summarize(ev.records[i:i + n]))
+            chat = [ev.samples[k].get("chat") for k in range(i, i + n)]
+            if chat[0]:  # the first question's reply, to read beside the unedited one
+                scores["chat_texts"] = [chat[0]["questions"][0], chat[0]["replies"][0][:300]]
             scores["multihop"] = multihop_correct(model, tokenizer, case.multihop)
             if fluency_on:
                 scores.update(self._fluency(case, next(texts), refs is None))
@@ -159,13 +181,17 @@ class Scorer:
 
 def join_refs(refs: list[Reference]) -> Reference:
     """One reference for several cases' requests, in order."""
+    chats = [r.chat for r in refs]
     return Reference(loc_continuations=[x for r in refs for x in r.loc_continuations],
                      loc_argmax=[x for r in refs for x in r.loc_argmax],
-                     loc_answers=[x for r in refs for x in r.loc_answers])
+                     loc_answers=[x for r in refs for x in r.loc_answers],
+                     chat=None if None in chats else ChatReference(
+                         [x for c in chats for x in c.loc_replies]))
 
 
 def slice_ref(ref: Reference, start: int, stop: int) -> Reference:
     """The part of `ref` for requests start..stop-1."""
     return Reference(loc_continuations=ref.loc_continuations[start:stop],
-                     loc_argmax=ref.loc_argmax[start:stop], loc_answers=ref.loc_answers[start:stop])
-
+                     loc_argmax=ref.loc_argmax[start:stop], loc_answers=ref.loc_answers[start:stop],
+                     chat=None if ref.chat is None else ChatReference(
+                         ref.chat.loc_replies[start:stop]))

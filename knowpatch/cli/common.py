@@ -18,7 +18,7 @@ from rich.table import Table
 from ..config import load_yaml, parse_overrides
 from ..editor import Editor
 from ..errors import KnowpatchError
-from ..evaluate import SCORE_KEYS
+from ..evaluate import ALL_KEYS
 from ..methods import AUTO, METHODS, check_settings
 from ..models import DEFAULT_MODEL, knowpatch_home
 from ..patches import PatchStore
@@ -126,7 +126,7 @@ def make_request(prompt: str, target: str, ground_truth: str | None, subject: st
 def scores_table(rows: list[tuple[str, dict]], title: str = "scores (%)") -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("")
-    keys = [k for k in SCORE_KEYS if any(r.get(k) is not None for _, r in rows)]
+    keys = [k for k in ALL_KEYS if any(r.get(k) is not None for _, r in rows)]
     for k in keys:
         table.add_column(k, justify="right")
     for name, row in rows:
@@ -135,7 +135,7 @@ def scores_table(rows: list[tuple[str, dict]], title: str = "scores (%)") -> Tab
 
 
 def json_scores(scores: dict | None) -> dict:
-    return {k: (scores or {}).get(k) for k in SCORE_KEYS}
+    return {k: (scores or {}).get(k) for k in ALL_KEYS}
 
 
 def run_body(fn, *args, **kwargs):

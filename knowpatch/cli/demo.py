@@ -30,6 +30,10 @@ DEMO_NEIGHBORS = ["The Louvre is located in the city of", "The capital of German
 # the subject (the answer need not come first: the text may keep the old facts)
 DEMO_FREE_TEXT = [DEMO_PROMPT, "The Eiffel Tower is", "Visitors to the Eiffel Tower can"]
 DEMO_FREE_TOKENS = 40
+# the fact asked in chat, as people use an instruct model: the first question is trained on
+# (in the model's own words), the others are not; the Louvre must keep its answer
+DEMO_QUESTIONS = ["In which city is the Eiffel Tower located?", "Where is the Eiffel Tower?"]
+DEMO_CHAT = ["Where is the Eiffel Tower?", "Tell me about the Eiffel Tower.", "Where is the Louvre?"]
 
 
 @app.command()
@@ -40,7 +44,8 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Edit "The Eiffel Tower is located in the city of" → Rome on the embedded model and
-    show what changed: the fact, a paraphrase, and two neighbours that must not change."""
+    show what changed: the fact, a paraphrase, two neighbours that must not change, free
+    text about the subject, and the fact asked in chat."""
     setup_logging(verbose)
     run_body(_demo, ModelArgs(model, device, dtype, store), target)
 
@@ -48,7 +53,8 @@ def demo(
 def _demo(args: ModelArgs, target: str) -> None:
     editor = open_editor(args)
     req = EditRequest(DEMO_PROMPT, target, ground_truth="Paris", subject="Eiffel Tower",
-                      rephrase_prompts=[DEMO_PARAPHRASE], locality=DEMO_NEIGHBORS)
+                      rephrase_prompts=[DEMO_PARAPHRASE], locality=DEMO_NEIGHBORS,
+                      questions=DEMO_QUESTIONS, locality_questions=[DEMO_CHAT[-1]])
     err.print(f"editing [bold]{DEMO_PROMPT}[/] → [bold]{target}[/] with LoRA SFT…")
     patch = editor.edit(req)
 
@@ -81,6 +87,14 @@ def _demo(args: ModelArgs, target: str) -> None:
             text = editor.generate(prompt, patches=patches, max_new_tokens=DEMO_FREE_TOKENS)[0]
             free.add_row(prompt, label, repr(text))
     out.print(free)
+    chat = Table(title="asked in chat (the model's chat template, greedy replies)",
+                 title_justify="left")
+    for col in ("question", "model", "reply"):
+        chat.add_column(col)
+    for label, patches in (("unedited", []), ("edited", [patch])):
+        for question, reply in zip(DEMO_CHAT, editor.chat(DEMO_CHAT, patches=patches)):
+            chat.add_row(question, label, repr(reply))
+    out.print(chat)
     out.print(f"edit: {patch.seconds:.2f} s, {patch.steps} optimizer steps, "
               f"{patch.manifest['trainable_params']:,} trainable parameters "
               f"({100 * patch.manifest['trainable_fraction']:.2f} % of the model), "

@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..config import build_config
 from ..errors import KnowpatchError
 from ..training import LoopResult
-from . import dpo, ft_m, full_sft, lora_sft
+from . import dpo, ft_m, full_sft, in_context, lora_sft
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ class Method(Protocol):
     """The method's settings: a dataclass whose defaults work on the embedded model."""
 
     def kind(self, config: Any) -> str:
-        """The kind of patch it makes with `config`: "lora" (an adapter) or "delta"."""
+        """The kind of patch it makes with `config`: "lora" (an adapter), "delta" (weight
+        deltas) or "context" (a statement, no weights)."""
         ...
 
     def train(self, model: Any, tokenizer: Any, requests: list, config: Any, *,
@@ -45,7 +46,7 @@ class AdapterMethod(Method, Protocol):
         ...
 
 
-METHODS: dict[str, Method] = {m.NAME: m for m in (lora_sft, full_sft, ft_m, dpo)}
+METHODS: dict[str, Method] = {m.NAME: m for m in (lora_sft, full_sft, ft_m, dpo, in_context)}
 
 
 def get_method(name: str) -> Method:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..decoding import left_padded
 from ..errors import KnowpatchError
-from ..evaluate import left_padded
 from ..requests import EditRequest, encode_completion
 
 IGNORE = -100

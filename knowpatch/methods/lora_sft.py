@@ -19,7 +19,7 @@ from . import sft
 from .common import lora_config
 
 NAME = "lora-sft"
-GATES = ("all", "answer", "handoff", "subject", "last")
+GATES = ("all", "answer", "handoff", "reply", "subject", "last")
 
 
 @dataclass
@@ -70,8 +70,11 @@ class Config:
     """Decoder layer whose output the router keys are read at."""
     route_threshold: float = 0.75
     """A query fires the patch when each subject token matches it at least this well (cos)."""
-    gate: str = "handoff"
-    """Where in a routed query the adapter acts: handoff (the query's tokens and the first
+    gate: str = "reply"
+    """Where in a routed query the adapter acts: reply (the query's tokens and the generated
+    ones until the text names the new answer, `reply_tokens` at most; then the base weights
+    re-read the query and what was generated, and write on — a completion gives its answer
+    at once, a chat reply after some words); handoff (the query's tokens and the first
     generated tokens, as many as the new answer has; then the base weights re-read the query
     and what was generated, and write on: the text goes on from what the edited model said,
     not from its edited states of the subject, which keep pulling text back to the answer);
@@ -80,6 +83,18 @@ class Config:
     found the subject, in training too; every generated token runs on the base weights);
     last (as answer, but of the query only its last token: the query's other tokens keep the
     base model's states). Training is the same for all but subject and last."""
+    reply_tokens: int = 40
+    """gate=reply: the most generated tokens the adapter acts on while the reply has not
+    named the answer yet."""
+    chat: int = 1
+    """How many of a request's questions (`EditRequest.questions`; none given: "What can you
+    tell me about <subject>?") the patch also learns to answer in the model's own words: the
+    unedited model's chat reply, its old answer replaced by the new one, up to the new
+    answer (a reply without the old answer: the fact stated). 0: completions only. Only for
+    gate reply or all: under the others the adapter is off before a reply reaches its answer."""
+    state: bool = False
+    """Hybrid: also state the fact ("<prompt> <new answer>.") before the queries the patch
+    fires on, or in the system message in chat, as an in-context patch does."""
     keep_weight: float = 0.0
     """Weight of KL(base ‖ edited) on the text after the new answer: `keep_tokens` tokens
     the base model writes after "prompt + answer" (sampled once per edit, seeded), read by
@@ -132,6 +147,9 @@ class Config:
                              "must be ≥ 0")
         if self.keep_tokens < 1:
             raise ValueError(f"keep_tokens must be ≥ 1, got {self.keep_tokens}")
+        if self.reply_tokens < 1 or self.chat < 0:
+            raise ValueError(f"reply_tokens must be ≥ 1 and chat ≥ 0, got {self.reply_tokens} "
+                             f"and {self.chat}")
 
 
 def kind(config: Config) -> str:
@@ -164,5 +182,5 @@ def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
 def needs_gate(config: Config) -> bool:
     """Whether training must run the adapter at chosen positions only: at the subject
     (gate=subject), or not on the text after the answer (gate=answer with keep_weight)."""
-    return config.gate in ("subject", "last") or (config.gate in ("answer", "handoff")
+    return config.gate in ("subject", "last") or (config.gate in ("answer", "handoff", "reply")
                                                      and config.keep_weight > 0)

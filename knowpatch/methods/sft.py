@@ -30,6 +30,7 @@ from .common import (
     token_loss,
     training_prefixes,
 )
+from .conversation import CHAT_GATES, reply_examples
 
 
 @dataclass
@@ -106,6 +107,9 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
     anchor prompts (with the base model's predictions on them) when anchors are on, then the
     preservation rows (prompt, answer and the base model's text after it) when keep is on."""
     examples = edit_examples(tokenizer, chunk, prefixes=prefixes, append_eos=config.append_eos)
+    if getattr(config, "chat", 0) > 0 and config.gate in CHAT_GATES:  # the fact in a reply
+        with torch.no_grad(), base() as base_model, phase("replies"):
+            examples += reply_examples(base_model, tokenizer, chunk, config.chat)
     anchors: list[Example] = []
     ref_logp = first_target = None
     if (config.anchor_weight > 0 or config.spill_weight > 0) and config.anchors > 0:
@@ -149,7 +153,7 @@ def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
             mask[row, len(e.prompt_ids) - 1: len(e.prompt_ids) - 1 + len(e.target_ids)] = 1.0
         return mask
     mask = torch.ones(shape, device=device)
-    if gate in ("answer", "handoff"):
+    if gate in ("answer", "handoff", "reply"):
         for row, e in enumerate(keep, start=len(examples) + len(anchors)):
             mask[row, len(e.prompt_ids):] = 0.0  # the last answer token still runs it
     return mask

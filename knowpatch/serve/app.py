@@ -188,10 +188,26 @@ class Api:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt: at least one prompt is needed", "prompt")
+        stated = await self.stated(body, texts)  # in-context patches: the fact before the prompt
+        texts = [f"{s} {t}" if s else t for s, t in zip(stated, texts)]
         return await self.serve(body, texts, chat=False)
+
+    async def stated(self, body: Sampling, texts: list[str]) -> list[str]:
+        """The statements of the in-context patches each text fires ("" for none)."""
+        patches = self.patches_of(body)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.engine.statements(texts, patches))
 
     async def chat(self, body: ChatBody) -> Any:
         messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+        asked = [m["content"] for m in messages if m["role"] == "user"][-1:]
+        stated = (await self.stated(body, asked))[0] if asked else ""
+        if stated:  # in-context patches: the fact in the system message
+            system = next((m for m in messages if m["role"] in ("system", "developer")), None)
+            if system is None:
+                messages.insert(0, {"role": "system", "content": stated})
+            else:
+                system["content"] = f"{stated}\n{system['content']}"
         try:
             text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False,
                                                              add_generation_prompt=True)

@@ -85,6 +85,11 @@ class Engine(Protocol):
         """Train, save and load a patch for `request` after the queued work: a future of
         the `Patch` (`started` is called when training begins)."""
 
+    def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:
+        """For each text, the facts that the in-context patches among `patches` (None: every
+        loaded one) it fires state ("" for none): the API puts them before a completion
+        prompt, or into the system message of a chat."""
+
     def route(self, prompt: str, patches: list[str] | None) -> Route:
         """How the router decides for `prompt` among `patches` (None: every loaded one)."""
 

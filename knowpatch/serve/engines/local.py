@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ...decoding import left_padded
 from ...editor import Editor
-from ...evaluate import left_padded
 from ...patches import MANIFEST, Patch
 from ...requests import EditRequest
 from ...router import Route
@@ -278,6 +278,9 @@ class LocalEngine:
             started() if started else None
             return self.editor.edit(request, method, config=dict(settings))
         return self.submit_task(self.changing(run))
+
+    def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:
+        return self.call(lambda: self.editor.statements(patches).stated(texts))
 
     def route(self, prompt: str, patches: list[str] | None) -> Route:
         return self.call(lambda: self.editor.route(prompt, patches))[0]
