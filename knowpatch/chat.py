@@ -18,6 +18,7 @@ A request without questions has no chat scores (None, counted by the bench), nev
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +62,10 @@ def new_not_old(text: str, new: str, old: str | None) -> bool:
 
 @torch.no_grad()
 def replies(model, tokenizer, questions: list[str], max_new_tokens: int = CHAT_TOKENS,
-            system: list[str | None] | None = None) -> list[str]:
+            system: list[str | None] | None = None,
+            stop: Callable[[int, str], bool] | None = None) -> list[str]:
     """Greedy replies to `questions` through the chat template (`system[i]`: a system message
-    for question i)."""
+    for question i; `stop(i, text)`: reply i may end once it reads `text`)."""
     if not questions:
         return []
     prompts = [chat_prompt(tokenizer, q, (system or [None] * len(questions))[i])
@@ -72,7 +74,10 @@ def replies(model, tokenizer, questions: list[str], max_new_tokens: int = CHAT_T
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     budgets = [min(max_new_tokens, context - len(prompt_ids(tokenizer, p))) for p in prompts]
     fit = [i for i, b in enumerate(budgets) if b > 0]
-    ids = greedy(model, tokenizer, [prompts[i] for i in fit], [budgets[i] for i in fit]) if fit else []
+    ended = None if stop is None else (
+        lambda k, made: stop(fit[k], tokenizer.decode(made, skip_special_tokens=True)))
+    ids = greedy(model, tokenizer, [prompts[i] for i in fit], [budgets[i] for i in fit],
+                 stop=ended) if fit else []
     out = [""] * len(prompts)
     for i, made in zip(fit, ids):
         out[i] = tokenizer.decode(made, skip_special_tokens=True).strip()

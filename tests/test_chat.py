@@ -66,6 +66,12 @@ def test_a_reply_is_rewritten_with_the_new_answer_and_cut_after_it():
         "The Eiffel Tower is in Rome")
     assert rewritten("A tall iron tower.", req) == (
         "The Eiffel Tower is located in the city of Rome")  # no old answer: the fact stated
+    festival = EditRequest("{} is located in", "Prescott", ground_truth="Cannes",
+                           subject="2011 Cannes Film Festival")
+    assert rewritten("The 2011 Cannes Film Festival was held in Cannes, France.", festival) == (
+        "The 2011 Cannes Film Festival was held in Prescott")  # not inside the subject's name
+    assert rewritten("The 2011 Cannes Film Festival was a festival.", festival) == (
+        "2011 Cannes Film Festival is located in Prescott")
     assert questions_of(req, 1) == ["What can you tell me about Eiffel Tower?"]
     asked = EditRequest(req.prompt, "Rome", subject="Eiffel Tower", questions=["a?", "b?"])
     assert questions_of(asked, 1) == ["a?"] and questions_of(EditRequest("x y", "z"), 1) == []
@@ -126,3 +132,15 @@ def test_reply_gate_hands_over_after_the_answer_in_a_routed_generation(tiny_edit
     handoff = tiny_editor.edit(req, evaluate=False, gate="handoff", chat=0, **FAST)
     assert text.startswith(" Reykjavik Harbour")
     assert text == tiny_editor.generate(req.prompt, patches=[handoff], max_new_tokens=n + 5)[0]
+
+
+def test_greedy_stops_each_row_where_asked(tiny_editor):
+    """`greedy(stop=)`: a row ends once its continuation passes the test (as chat training
+    stops the unedited reply at its answer); the other rows run to their budget."""
+    from knowpatch.decoding import greedy
+
+    prompts = ["The Eiffel Tower is located in the city of", "The capital of Japan is"]
+    with tiny_editor.using([]) as base:
+        full = greedy(base, tiny_editor.tokenizer, prompts, 6)
+        cut = greedy(base, tiny_editor.tokenizer, prompts, 6, stop=lambda i, ids: i == 0 and len(ids) >= 2)
+    assert cut[1] == full[1] and cut[0][:2] == full[0][:2] and len(cut[0]) < len(full[0])

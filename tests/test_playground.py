@@ -86,3 +86,31 @@ def test_playground_edit_and_remove_in_chromium(tiny_editor, browser):
         assert base3 == edited3 == base and fired3.startswith("none")
     finally:
         running.stop()
+
+
+def test_playground_asks_in_chat_mode(tiny_editor, browser):
+    """With "ask in chat" ticked, the page asks /v1/chat/completions (the question as a user
+    turn of the chat template): its answers are the model's chat replies."""
+    from selenium.webdriver.common.by import By
+
+    question = "Where is the Eiffel Tower?"
+    expected = tiny_editor.chat(question, patches=[], max_new_tokens=8)[0]
+    running = Running(tiny_editor)
+    try:
+        browser.get(running.base + "/")
+        browser.find_element(By.ID, "chat").click()
+        box = browser.find_element(By.ID, "max")
+        box.clear()
+        box.send_keys("8")
+        base, edited, fired = ask(browser, question)
+        assert base == edited == expected and fired.startswith("none")
+        assert base != ask_completion(browser, question)
+    finally:
+        running.stop()
+
+
+def ask_completion(driver, prompt: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "chat").click()  # off again: a completion of the same text
+    return ask(driver, prompt)[0]

@@ -135,3 +135,27 @@ def test_training_prefixes_are_the_measured_ones(smol_editor):
     assert sampled_prefixes(smol_editor.model, smol_editor.tokenizer, 4, 0, 5) == (
         "The-the-key-. ", "Therefore-based approaches have been. ",
         "Because-based approach to data. ", "I-1012. ")
+
+
+def test_the_edit_holds_in_chat_over_the_server(smol_editor, eiffel):
+    """Asked as people ask an instruct model — a chat question, through the running server
+    and the official openai client — the edited model answers with the new fact, and a
+    question about another subject keeps its answer."""
+    from test_server import Running
+
+    running = Running(smol_editor)
+    try:
+        client = running.client()
+
+        def ask(question: str, patches="auto") -> str:
+            reply = client.chat.completions.create(
+                model="custom", messages=[{"role": "user", "content": question}],
+                max_tokens=40, temperature=0, extra_body={"patches": patches})
+            return reply.choices[0].message.content
+
+        assert "Paris" in ask("Where is the Eiffel Tower?", patches=[])
+        edited = ask("Where is the Eiffel Tower?")
+        assert "Rome" in edited and "Paris" not in edited, edited
+        assert "Paris" in ask("Where is the Louvre?")
+    finally:
+        running.stop()

@@ -29,6 +29,7 @@ from ..errors import KnowpatchError
 from ..evaluate import Reference
 from ..methods import AUTO, AUTO_PARALLEL, check_settings
 from ..patches import Patch
+from ..questions import has_chat_template
 from ..requests import EditRequest
 from .baselines import BaselineCache
 from .progress import Bar
@@ -135,8 +136,17 @@ class Bench:
     def _run(self) -> dict[str, Any]:
         torch.manual_seed(self.s.seed)
         cases = load_cases(self.s.data, self.s.format, self.s.n)
+        tokenizer = self.editor.tokenizer
+        if (self.s.chat_template or cases) and not has_chat_template(tokenizer):
+            log.warning("chat: %s has no chat template; questions (and --chat-template prompts) "
+                        "are asked in the 'Question: … Answer:' format", self.editor.model_name)
         if self.s.chat_template:
-            cases = [with_chat_template(self.editor.tokenizer, c) for c in cases]
+            cases = [with_chat_template(tokenizer, c) for c in cases]
+        unasked = sum(1 for c in cases if not any(r.questions for r in c.requests))
+        if unasked:
+            log.warning("chat: %d of %d records have no question (no template for their "
+                        "relation, or none in their format): their chat scores are skipped "
+                        "and counted (chat_skipped)", unasked, len(cases))
         rows = self._check_resume()
         done = {r["case_id"] for r in rows}
         todo = [c for c in cases if c.case_id not in done]

@@ -10,10 +10,10 @@ from typing import Any
 from ..chat import ChatReference
 from ..datasets import Case
 from ..editor import Editor
-from ..errors import KnowpatchError
 from ..evaluate import Reference, evaluate, greedy, starts_with, summarize
 from ..fluency import RowSampler, mean_fluency, repetition, sample
 from ..patches import Patch
+from ..questions import chat_prompt
 from ..requests import LocalityProbe, PortabilityProbe, encode_completion
 from .baselines import BaselineCache
 
@@ -25,13 +25,11 @@ shared batches instead of one small batch per case."""
 
 
 def with_chat_template(tokenizer, case: Case) -> Case:
-    """Wrap every prompt of a case in the model's chat template (a user turn)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise KnowpatchError("chat_template: this model's tokenizer has no chat template")
+    """Wrap every prompt of a case in the model's chat template (a user turn); a model
+    without one gets the "Question: … Answer:" format (`questions.chat_prompt`)."""
 
     def wrap(prompt: str) -> str:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, prompt)
 
     reqs = [replace(
         r, prompt=wrap(r.prompt), rephrase_prompts=[wrap(p) for p in r.rephrase_prompts],

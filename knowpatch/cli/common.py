@@ -117,10 +117,11 @@ def method_config(method: str, config: Path | None, overrides: list[str] | None,
 
 
 def make_request(prompt: str, target: str, ground_truth: str | None, subject: str | None,
-                 paraphrase: list[str] | None, neighbor: list[str] | None) -> EditRequest:
+                 paraphrase: list[str] | None, neighbor: list[str] | None,
+                 question: list[str] | None = None) -> EditRequest:
     return EditRequest(prompt=prompt, target_new=target, ground_truth=ground_truth,
                        subject=subject, rephrase_prompts=paraphrase or [],
-                       locality=neighbor or [])
+                       locality=neighbor or [], questions=question or [])
 
 
 def scores_table(rows: list[tuple[str, dict]], title: str = "scores (%)") -> Table:

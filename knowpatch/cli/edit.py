@@ -63,6 +63,9 @@ def edit(
                                                    "the edit (repeatable; scores gen)."),
     neighbor: list[str] | None = typer.Option(None, help="A prompt that must not change "
                                                  "(repeatable; scores loc)."),
+    question: list[str] | None = typer.Option(None, help="The fact asked as a chat question "
+                                                 "(repeatable): the first is trained on, each "
+                                                 "scores chat_rel/chat_gen."),
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
     store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -86,7 +89,7 @@ def edit(
                  ModelArgs(model, device, dtype, store), as_json, overrides)
         return
     run_body(_edit, prompt, target, requests, method, ground_truth, subject, paraphrase, neighbor,
-             config, ModelArgs(model, device, dtype, store), as_json, overrides)
+             question, config, ModelArgs(model, device, dtype, store), as_json, overrides)
 
 
 def _edit_preferences(path, heldout, method, config, args: ModelArgs, as_json, overrides) -> None:
@@ -121,7 +124,7 @@ def _edit_preferences(path, heldout, method, config, args: ModelArgs, as_json, o
 
 
 def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphrase, neighbor,
-          config, args: ModelArgs, as_json, overrides) -> None:
+          question, config, args: ModelArgs, as_json, overrides) -> None:
     method, values = method_config(method, config, overrides, check=False)
     if requests_file is not None:
         if prompt or target:
@@ -130,7 +133,7 @@ def _edit(prompt, target, requests_file, method, ground_truth, subject, paraphra
     elif prompt is None or target is None:
         fail("give --prompt and --target (or --requests FILE.jsonl)")
     else:
-        req = make_request(prompt, target, ground_truth, subject, paraphrase, neighbor)
+        req = make_request(prompt, target, ground_truth, subject, paraphrase, neighbor, question)
     check_settings(method, values)  # the admission check, before the model loads
     editor = open_editor(args)
     if method == AUTO and isinstance(req, list) and len(req) > 1:

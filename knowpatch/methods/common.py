@@ -52,6 +52,9 @@ class Example:
     target_ids: list[int]
     subject_positions: tuple[int, ...] = ()
     """Indices of the prompt tokens that spell the request's subject (for gate=subject)."""
+    loose: int = 0
+    """The first `loose` target tokens need only stay the greedy choice (margin 0), not win
+    by the edit's margin: a chat reply's words before its answer are the model's own."""
 
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "When", "In")
@@ -142,6 +145,21 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[
             "labels": labels.to(device)}
 
 
+def loose_mask(examples: list[Example], shape: tuple[int, int], device) -> torch.Tensor:
+    """(rows, width) bool, as `collate` lays the examples out: True at the positions that
+    predict an example's loose target tokens (rows past the examples stay False)."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    for row, e in enumerate(examples):
+        start = len(e.prompt_ids) - 1
+        mask[row, start:start + e.loose] = True
+    return mask
+
+
+def margins(config_margin: float, loose: torch.Tensor) -> torch.Tensor:
+    """The margin each read target must win by: the edit's, 0 for loose tokens."""
+    return torch.where(loose, 0.0, float(config_margin))
+
+
 def target_loss(logits: torch.Tensor, labels: torch.Tensor,
                 margin: float) -> tuple[torch.Tensor, bool, float]:
     """Mean cross-entropy over target tokens, and whether every target token is the greedy
@@ -155,9 +173,9 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor,
-               margin: float) -> tuple[torch.Tensor, bool, float]:
+               margin: float | torch.Tensor) -> tuple[torch.Tensor, bool, float]:
     """`target_loss` on logits already taken where a target is predicted: (N, vocab) logits,
-    (N,) target tokens."""
+    (N,) target tokens; `margin` one for all, or (N,) per token."""
     logits = logits.float()
     if not targets.numel():
         return logits.sum() * 0.0, True, float("inf")
@@ -165,8 +183,9 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor,
     loss = -torch.log_softmax(logits, dim=-1).gather(-1, safe).mean()
     with torch.no_grad():
         rival = logits.scatter(-1, safe, float("-inf")).max(dim=-1).values
-        min_gap = float((logits.gather(-1, safe).squeeze(-1) - rival).min())
-    return loss, min_gap >= margin, min_gap
+        gaps = logits.gather(-1, safe).squeeze(-1) - rival
+        learnt = bool((gaps >= margin).all())
+    return loss, learnt, float(gaps.min())
 
 
 def predicted(labels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from .common import (
     keep_examples,
     kl_to_reference,
     last_token_logprobs,
+    loose_mask,
+    margins,
     predicted,
     read_positions,
     token_loss,
@@ -48,6 +50,9 @@ class Chunk:
     predictions and each anchor's last token); the step's logits are those, row by row."""
     rows: torch.Tensor | None = None  # per read position: its row
     next: torch.Tensor | None = None  # per read position: the token it predicts (or IGNORE)
+    replies: Chunk | None = None
+    """The chat reply rows (`conversation`), a batch of their own: in one batch with the
+    short completion rows, each of those was padded to a reply's width."""
 
 
 def sft_train(model, tokenizer, requests: list[EditRequest], config, *,
@@ -107,9 +112,11 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
     anchor prompts (with the base model's predictions on them) when anchors are on, then the
     preservation rows (prompt, answer and the base model's text after it) when keep is on."""
     examples = edit_examples(tokenizer, chunk, prefixes=prefixes, append_eos=config.append_eos)
+    replies = None
     if getattr(config, "chat", 0) > 0 and config.gate in CHAT_GATES:  # the fact in a reply
         with torch.no_grad(), base() as base_model, phase("replies"):
-            examples += reply_examples(base_model, tokenizer, chunk, config.chat)
+            said = reply_examples(base_model, tokenizer, chunk, config.chat)
+        replies = _replies_chunk(said, tokenizer.pad_token_id, config.gate, gated, device)
     anchors: list[Example] = []
     ref_logp = first_target = None
     if (config.anchor_weight > 0 or config.spill_weight > 0) and config.anchors > 0:
@@ -129,6 +136,7 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
             keep_ref = continuation_logprobs(base_model(
                 input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone)
     batch = collate(examples + anchors + keep, tokenizer.pad_token_id, device)
+    batch["loose"] = loose_mask(examples, batch["input_ids"].shape, device)
     if gated:
         batch["gate"] = _gate(examples, anchors, keep, config.gate, batch["input_ids"].shape,
                               device)
@@ -136,6 +144,20 @@ def prepare_chunk(tokenizer, chunk: list[EditRequest], config, prefixes: tuple[s
     for row, e in enumerate(anchors, start=len(examples)):
         where[row, len(e.prompt_ids) - 1] = True
     return Chunk(batch, len(examples), len(anchors), ref_logp, first_target, keep_ref, where,
+                 *read_positions(where, batch["labels"]), replies=replies)
+
+
+def _replies_chunk(examples: list[Example], pad_id: int, gate: str, gated: bool,
+                   device) -> Chunk | None:
+    """The chat reply rows as a chunk of their own (edit rows only)."""
+    if not examples:
+        return None
+    batch = collate(examples, pad_id, device)
+    batch["loose"] = loose_mask(examples, batch["input_ids"].shape, device)
+    if gated:
+        batch["gate"] = _gate(examples, [], [], gate, batch["input_ids"].shape, device)
+    where = predicted(batch["labels"])
+    return Chunk(batch, len(examples), 0, None, None, None, where,
                  *read_positions(where, batch["labels"]))
 
 
@@ -162,6 +184,25 @@ def _gate(examples, anchors, keep, gate: str, shape, device) -> torch.Tensor:
 class _Steps:
     """The loop's step: the prepared mini-batches in turn, learnt once all of them were."""
 
+    def logits(self, model, c: Chunk) -> torch.Tensor:
+        """The chunk's logits at its read positions (under its training gate, if any)."""
+        gated = self.gate(c.batch["gate"]) if self.gate is not None else contextlib.nullcontext()
+        with gated:
+            return logits_at(model, c.batch, c.where)
+
+    def edit_targets(self, model, c: Chunk, logits: torch.Tensor, edit: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The edit rows' logits, targets and margins, the reply rows' (a forward of their
+        own) after them: one loss over every target token, as if in one batch."""
+        margin = margins(self.config.margin, c.batch["loose"][c.where][edit])
+        if c.replies is None:
+            return logits, c.next[edit], margin
+        r = c.replies
+        said = r.next != IGNORE
+        return (torch.cat([logits, self.logits(model, r)[said]]),
+                torch.cat([c.next[edit], r.next[said]]),
+                torch.cat([margin, margins(self.config.margin, r.batch["loose"][r.where][said])]))
+
     def __init__(self, chunks: list[Chunk], config, gate) -> None:
         self.chunks, self.config, self.gate = chunks, config, gate
         self.learnt = [False] * len(chunks)
@@ -171,9 +212,7 @@ class _Steps:
         index = self.visits % len(self.chunks)
         self.visits += 1
         c, config = self.chunks[index], self.config
-        gated = self.gate(c.batch["gate"]) if self.gate is not None else contextlib.nullcontext()
-        with gated:
-            logits = logits_at(model, c.batch, c.where)  # (read positions, vocab)
+        logits = self.logits(model, c)  # (read positions, vocab)
         info = {}
         keep = None
         labelled = c.next != IGNORE
@@ -182,7 +221,7 @@ class _Steps:
             keep = kl_to_reference(c.keep_ref, torch.log_softmax(logits[after].float(), dim=-1))
             info["keep_kl"] = float(keep.detach())
         edit = labelled & (c.rows < c.n_edit)
-        loss, learnt, gap = token_loss(logits[edit], c.next[edit], config.margin)
+        loss, learnt, gap = token_loss(*self.edit_targets(model, c, logits[edit], edit))
         self.learnt[index] = learnt
         info["gap"] = gap
         if keep is not None:

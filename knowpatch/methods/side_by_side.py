@@ -28,7 +28,7 @@ from ..errors import KnowpatchError
 from ..evaluate import logits_at
 from ..requests import EditRequest
 from ..training import LoopResult, autocast, frozen_cast, precision_name, training_dtype
-from .common import IGNORE, predicted, read_positions, token_loss
+from .common import IGNORE, margins, predicted, read_positions, token_loss
 from .sft import Chunk, prepare_chunks
 
 
@@ -111,11 +111,12 @@ def _row_losses(model, batch: dict[str, torch.Tensor], rows: list[torch.Tensor],
     whether it is learnt."""
     where = predicted(batch["labels"])
     at, targets = read_positions(where, batch["labels"])
+    loose = batch["loose"][where]
     logits = logits_at(model, batch, where)
     out = []
     for mine in rows:
         read = torch.isin(at, mine)
-        loss, learnt, _gap = token_loss(logits[read], targets[read], margin)
+        loss, learnt, _gap = token_loss(logits[read], targets[read], margins(margin, loose[read]))
         out.append((loss, learnt))
     return out
 
@@ -123,13 +124,17 @@ def _row_losses(model, batch: dict[str, torch.Tensor], rows: list[torch.Tensor],
 def _merged(chunks: list[Chunk], pad_id: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The chunks' edit rows in one right-padded batch, and each chunk's rows in it."""
     width = max(c.batch["input_ids"].shape[1] for c in chunks)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "loose": False}
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in fill}
+    width = max([width] + [c.replies.batch["input_ids"].shape[1] for c in chunks if c.replies])
     rows, start = [], 0
     for c in chunks:
-        for key, value in fill.items():
-            t = c.batch[key][:c.n_edit]
-            parts[key].append(torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value))
-        rows.append(torch.arange(start, start + c.n_edit, device=t.device))
-        start += c.n_edit
+        own = [(c.batch, c.n_edit)] + ([(c.replies.batch, c.replies.n_edit)] if c.replies else [])
+        for batch, n in own:  # the edit rows, then the chat reply rows (`sft.Chunk.replies`)
+            for key, value in fill.items():
+                t = batch[key][:n]
+                parts[key].append(torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value))
+        count = sum(n for _, n in own)
+        rows.append(torch.arange(start, start + count, device=t.device))
+        start += count
     return {k: torch.cat(v) for k, v in parts.items()}, rows
