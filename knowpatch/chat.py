@@ -52,9 +52,12 @@ def first_sentence(text: str) -> str:
     return text[:match.start()].strip() if match else text
 
 
-def new_not_old(text: str, new: str, old: str | None) -> bool:
+def new_not_old(text: str, new: str, old: str | None, subject: str | None = None) -> bool:
     """The reply gives the new answer and not the old one (an old answer inside the new one,
-    "York" of "New York", does not count against it)."""
+    "York" of "New York", does not count against it; nor do the subject's own words, "Cannes"
+    of "2011 Cannes Film Festival")."""
+    if subject:
+        text = text.replace(subject, " ")
     if not names(text, new):
         return False
     return not (old and old.lower() not in new.lower() and names(text, old))
@@ -105,8 +108,8 @@ def chat_scores(model, tokenizer, requests: list[EditRequest],
         ref = reference.loc_replies[i] if reference is not None else loc
         count = req.target_new if reference is not None else (req.ground_truth or req.target_new)
         records.append({
-            "chat_rel": 100.0 * new_not_old(own[0], req.target_new, req.ground_truth),
-            "chat_gen": _mean([100.0 * new_not_old(t, req.target_new, req.ground_truth)
+            "chat_rel": 100.0 * new_not_old(own[0], req.target_new, req.ground_truth, req.subject),
+            "chat_gen": _mean([100.0 * new_not_old(t, req.target_new, req.ground_truth, req.subject)
                                for t in own[1:]]),
             "chat_loc": _mean([100.0 * (first_sentence(a) == first_sentence(b))
                                for a, b in zip(loc, ref)]),

@@ -55,6 +55,9 @@ def test_a_reply_names_the_answer_by_whole_words():
     assert new_not_old("It is in Rome.", "Rome", "Paris")
     assert not new_not_old("Rome or Paris?", "Rome", "Paris")
     assert new_not_old("New York City", "New York", "York")  # the old answer inside the new
+    assert new_not_old("Google Patents is made by Microsoft.", "Microsoft", "Google",
+                       subject="Google Patents")  # the subject's own words are not the old answer
+    assert not new_not_old("Google made it, not Microsoft.", "Microsoft", "Google", "Google Patents")
     assert first_sentence("It is in Paris. It is tall.") == "It is in Paris."
     assert first_sentence("First line\nsecond") == "First line"
 
