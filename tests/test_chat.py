@@ -147,3 +147,11 @@ def test_greedy_stops_each_row_where_asked(tiny_editor):
         full = greedy(base, tiny_editor.tokenizer, prompts, 6)
         cut = greedy(base, tiny_editor.tokenizer, prompts, 6, stop=lambda i, ids: i == 0 and len(ids) >= 2)
     assert cut[1] == full[1] and cut[0][:2] == full[0][:2] and len(cut[0]) < len(full[0])
+
+
+def test_docs_list_every_relation_question():
+    """docs/chat.md shows the question templates the bench asks, each relation's exactly."""
+    text = (Path(__file__).parents[1] / "docs" / "chat.md").read_text()
+    for relation, phrasings in RELATION_QUESTIONS.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {relation} |"))
+        assert row.rstrip(" |").split(" | ")[2].split(" · ") == list(phrasings), relation
