@@ -193,10 +193,13 @@ class Editor:
     @contextlib.contextmanager
     def using(self, patches: Sequence[Patch | str | Path] | None) -> Iterator[Any]:
         """Run a block with exactly `patches` active (None: those applied now)."""
-        names = list(self._loaded.applied) if patches is None else [
-            self._loaded.load(self._as_patch(p)) for p in patches]
-        with self._loaded.using_names(names) as model:
+        with self._loaded.using_names(self._names(patches)) as model:
             yield model
+
+    def _names(self, patches: Sequence[Patch | str | Path] | None) -> list[str]:
+        """The ids of `patches`, each loaded (read from disk once); None: those applied."""
+        return list(self._loaded.applied) if patches is None else [
+            self._loaded.load(self._as_patch(p)) for p in patches]
 
     @contextlib.contextmanager
     def using_names(self, names: Sequence[str], on_route: Callable | None = None) -> Iterator[Any]:
@@ -210,8 +213,7 @@ class Editor:
         """How the router decides for `prompts` among `patches` (None: those applied); no
         paged patch is read in."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        names = list(self._loaded.applied) if patches is None else [
-            self._loaded.load(self._as_patch(p)) for p in patches]
+        names = self._names(patches)
         try:
             rows = [prompt_ids(self.tokenizer, p) for p in prompts]
             return self._loaded.decide(rows, names, run=False)[0]
@@ -229,8 +231,9 @@ class Editor:
                  max_new_tokens: int = 20) -> list[str]:
         """Greedy continuations of `prompts` with `patches` active (None: those applied)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        prompts = self.statements(patches).prompts(prompts)  # in-context patches: stated first
-        with self.using(patches) as model:
+        names = self._names(patches)
+        prompts = self._loaded.statements(names).prompts(prompts)  # in-context: stated first
+        with self._loaded.using_names(names) as model:
             ids = greedy(model, self.tokenizer, prompts, max_new_tokens)
         return [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
 
@@ -239,8 +242,9 @@ class Editor:
         """Greedy replies to `questions`, each asked as a user turn of the model's chat
         template, with `patches` active (None: those applied)."""
         questions = [questions] if isinstance(questions, str) else list(questions)
-        systems = self.statements(patches).systems(questions)  # in-context: the system message
-        with self.using(patches) as model:
+        names = self._names(patches)
+        systems = self._loaded.statements(names).systems(questions)  # in-context: system message
+        with self._loaded.using_names(names) as model:
             return replies(model, self.tokenizer, questions, max_new_tokens, systems)
 
     def evaluate(self, requests: EditRequest | Sequence[EditRequest], *,
@@ -250,8 +254,9 @@ class Editor:
         requests = as_requests(requests)
         with self.using([]) as base:
             baseline = run_evaluation(base, self.tokenizer, requests)
-        stated, systems = self.statements(patches).prepare(requests)
-        with self.using(patches) as model:
+        names = self._names(patches)
+        stated, systems = self._loaded.statements(names).prepare(requests)
+        with self._loaded.using_names(names) as model:
             edited = run_evaluation(model, self.tokenizer, stated, baseline.reference,
                                     systems=systems)
         return edited, baseline
@@ -259,9 +264,7 @@ class Editor:
     def statements(self, patches=None) -> Statements:
         """The facts that in-context (and hybrid) patches among `patches` (None: those
         applied) state, and the queries they fire on (`incontext.Statements`)."""
-        names = list(self._loaded.applied) if patches is None else [
-            self._loaded.load(self._as_patch(p)) for p in patches]
-        return self._loaded.statements(names)
+        return self._loaded.statements(self._names(patches))
 
     # ---- editing ----------------------------------------------------------------------
     def edit(self, requests: EditRequest | Sequence[EditRequest], method: str = "lora-sft", *,

@@ -11,8 +11,6 @@ scores that need one are skipped for it and counted, never scored as a failure.
 
 from __future__ import annotations
 
-from .errors import KnowpatchError
-
 # Wikidata relation id -> phrasings of the question, `{}` the subject.
 RELATION_QUESTIONS: dict[str, tuple[str, ...]] = {
     "P17": ("Which country is {} located in?", "In which country is {}?",
@@ -86,7 +84,7 @@ def relation_questions(relation: str, subject: str) -> list[str]:
 def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
     """`question` as a user turn in the model's chat template, ready for the reply; with a
     template-less tokenizer, the "Question: … Answer:" format of base models."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         context = f"{system}\n" if system else ""
         return f"{context}Question: {question}\nAnswer:"
     messages = [{"role": "system", "content": system}] if system else []
@@ -101,10 +99,3 @@ def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-def check_relation(relation: str | None) -> None:
-    """A relation id given for questions must have a template here."""
-    if relation is not None and relation not in RELATION_QUESTIONS:
-        raise KnowpatchError(f"relation: no question template for {relation!r} (known: "
-                             f"{', '.join(sorted(RELATION_QUESTIONS))})")

@@ -137,7 +137,7 @@ class Bench:
         torch.manual_seed(self.s.seed)
         cases = load_cases(self.s.data, self.s.format, self.s.n)
         tokenizer = self.editor.tokenizer
-        if (self.s.chat_template or cases) and not has_chat_template(tokenizer):
+        if not has_chat_template(tokenizer):
             log.warning("chat: %s has no chat template; questions (and --chat-template prompts) "
                         "are asked in the 'Question: … Answer:' format", self.editor.model_name)
         if self.s.chat_template:
