@@ -213,10 +213,13 @@ class Editor:
         """How the router decides for `prompts` among `patches` (None: those applied); no
         paged patch is read in."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.route_rows([prompt_ids(self.tokenizer, p) for p in prompts], patches)
+
+    def route_rows(self, rows: Sequence[Sequence[int]], patches=None) -> list[Route]:
+        """`route` for prompts given as token ids (an engine's rows)."""
         names = self._names(patches)
         try:
-            rows = [prompt_ids(self.tokenizer, p) for p in prompts]
-            return self._loaded.decide(rows, names, run=False)[0]
+            return self._loaded.decide([list(r) for r in rows], names, run=False)[0]
         finally:
             self._loaded.activate(self._loaded.applied)
 

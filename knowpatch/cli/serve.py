@@ -43,6 +43,16 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     threads: int | None = ThreadsOpt,
     resident: int | None = ResidentOpt,
+    engine: str = typer.Option("local", help="What generates: local (knowpatch's own engine, "
+                               "transformers on this process) or vllm (a vLLM server: knowpatch "
+                               "routes, trains and loads patches into it; docs/serving.md)."),
+    engine_url: str | None = typer.Option(None, help="--engine vllm: the vLLM OpenAI server to "
+                                          "use (e.g. http://gpu-host:8000, started with "
+                                          "--enable-lora); none: knowpatch starts one for the "
+                                          "model on 127.0.0.1 and stops it on exit."),
+    vllm_python: str | None = typer.Option(None, help="--engine vllm: the Python that runs vLLM "
+                                           "(an environment of its own; default "
+                                           "$KNOWPATCH_VLLM_PYTHON, else this one)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible API, patches routed per request.
 
@@ -55,11 +65,11 @@ def serve(
     """
     setup_logging(verbose)
     run_body(_serve, host, port, ModelArgs(model, device, dtype, store, resident), api_key,
-             max_batch, batch_window_ms, max_tokens, cors)
+             max_batch, batch_window_ms, max_tokens, cors, (engine, engine_url, vllm_python))
 
 
 def _serve(host, port, args: ModelArgs, api_key, max_batch, batch_window_ms, max_tokens,
-           cors) -> None:
+           cors, engine_args) -> None:
     import uvicorn  # the server's own packages load only for `serve`
 
     from ..serve import ServeSettings, create_app
@@ -70,8 +80,24 @@ def _serve(host, port, args: ModelArgs, api_key, max_batch, batch_window_ms, max
     settings = ServeSettings(api_key=api_key, max_batch=max_batch,
                              batch_window=max(0.0, batch_window_ms) / 1000, max_tokens=max_tokens,
                              cors=list(cors or []))
+    engine, engine_url, vllm_python = engine_args
+    if engine not in ("local", "vllm"):
+        raise KnowpatchError(f"engine: must be local or vllm (got {engine!r})")
+    if engine == "local" and (engine_url or vllm_python):
+        raise KnowpatchError("engine_url / vllm_python: only with --engine vllm")
     editor = open_editor(args, progress=False)
-    err.print(f"knowpatch: serving {args.model} on http://{host}:{port}/ (playground) and "
-              f"http://{host}:{port}/v1 (API){'; API key required' if api_key else ''}")
-    uvicorn.run(create_app(editor, settings), host=host, port=port, log_level="warning")
+    served = editor
+    if engine == "vllm":
+        from ..serve.engines.vllm import open_vllm_engine
+
+        with err.status("starting vLLM…" if not engine_url else f"connecting to {engine_url}…"):
+            served = open_vllm_engine(editor, url=engine_url, python=vllm_python)
+    err.print(f"knowpatch: serving {args.model} ({engine} engine) on http://{host}:{port}/ "
+              f"(playground) and http://{host}:{port}/v1 (API)"
+              f"{'; API key required' if api_key else ''}")
+    try:
+        uvicorn.run(create_app(served, settings), host=host, port=port, log_level="warning")
+    finally:
+        if served is not editor:  # also when the server never started: no vLLM left behind
+            served.stop()
 

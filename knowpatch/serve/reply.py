@@ -30,6 +30,8 @@ class Reply:
         self.fired[choice], self.tokens[choice] = list(fired), tokens
         if reason is not None:
             self.finish[choice] = reason
+            if reason.startswith("unavailable:"):
+                raise ApiError(503, reason[12:].strip(), None, "engine_unavailable")
             if reason.startswith("error:"):
                 raise ApiError(500, f"generation failed: {reason[6:].strip()}", None, "server_error")
 
@@ -66,7 +68,7 @@ class Reply:
         event = first
         while True:
             choice, _text, reason, _fired, _tokens = event
-            if reason is not None and reason.startswith("error:"):
+            if reason is not None and reason.startswith(("error:", "unavailable:")):
                 yield f"data: {json.dumps(error_body(reason, None, 'server_error'))}\n\n"
                 return
             yield self.chunk(event)

@@ -33,6 +33,7 @@ from ...patches import MANIFEST, Patch
 from ...requests import EditRequest
 from ...router import Route
 from ..engine import Generation
+from ..rows import RowText
 
 log = logging.getLogger(__name__)
 
@@ -45,65 +46,22 @@ class Task:
 
 
 class RowWatch(StoppingCriteria):
-    """Called by `generate` after every step: sends each row's new text to its request and
-    says which rows are done (EOS, a stop string, or their own token budget)."""
+    """Called by `generate` after every step: sends each row's new token to its choice's
+    `RowText` and says which rows are done (EOS, a stop string, or their own budget)."""
 
     def __init__(self, tokenizer, rows: list[tuple[Generation, int]], fired: Callable[[int], list[str]]):
-        self.tokenizer, self.rows, self.fired = tokenizer, rows, fired
-        self.ids: list[list[int]] = [[] for _ in rows]
-        self.sent = [0] * len(rows)  # characters of each row's text already sent
-        self.done = torch.zeros(len(rows), dtype=torch.bool)
-        self.eos = tokenizer.eos_token_id
+        self.rows = [RowText(tokenizer, req, choice) for req, choice in rows]
+        self.fired = fired
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
-        for r, (req, choice) in enumerate(self.rows):
-            if self.done[r]:
-                continue
-            if last[r] == self.eos:
-                self.finish(r, self.text(r), "stop")
-                continue
-            self.ids[r].append(last[r])
-            text = self.text(r)
-            cut = min((i for i in (text.find(s, max(0, self.sent[r] - len(s)))
-                                   for s in req.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.finish(r, text[:cut], "stop")
-            elif len(self.ids[r]) >= req.max_tokens:
-                self.finish(r, text, "length")
-            else:
-                safe = len(text) - held_back(text, req.stop)
-                if safe > self.sent[r]:
-                    req.emit(choice, text[self.sent[r]:safe], None, self.fired(r), len(self.ids[r]))
-                    self.sent[r] = safe
-        return self.done.to(input_ids.device).clone()
-
-    def text(self, r: int) -> str:
-        return self.tokenizer.decode(self.ids[r], skip_special_tokens=True)
-
-    def finish(self, r: int, text: str, reason: str) -> None:
-        req, choice = self.rows[r]
-        req.emit(choice, text[self.sent[r]:], reason, self.fired(r), len(self.ids[r]))
-        self.sent[r] = len(text)
-        self.done[r] = True
+        done = [row.push(last[r], lambda r=r: self.fired(r)) for r, row in enumerate(self.rows)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def finish_all(self) -> None:
         """Rows `generate` ended without a verdict (it stops at the longest budget)."""
-        for r in range(len(self.rows)):
-            if not self.done[r]:
-                self.finish(r, self.text(r), "length")
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` not to send yet: the start of a stop string, or an
-    incomplete UTF-8 character."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
+        for r, row in enumerate(self.rows):
+            row.finish("length", self.fired(r))
 
 
 class LocalEngine:
