@@ -39,8 +39,10 @@ class VLLMEngine:
     it); patch work and routing on a local engine over `editor`."""
 
     def __init__(self, editor: Editor, client: VLLMClient, process: VLLMProcess | None = None,
-                 *, workers: int = 256, max_lora_rank: int = 64, merged_dir: Path | None = None):
+                 *, workers: int = 256, max_lora_rank: int = 64, merged_dir: Path | None = None,
+                 own_process: bool = True):
         self.editor, self.client, self.process = editor, client, process
+        self.own_process = own_process  # stopped with the engine (False: someone else's)
         self.local = LocalEngine(editor)
         self.model_name, self.tokenizer = editor.model_name, editor.tokenizer
         self.context = editor.context_length or 2048
@@ -66,8 +68,10 @@ class VLLMEngine:
         if self.local.thread.is_alive():
             self.local.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.process is not None:
+        if self.process is not None and self.own_process:
             self.process.stop()
+        else:  # a server that outlives this engine keeps none of its adapters
+            self.adapters.unload_all()
         self.client.close()
 
     def watch(self) -> None:

@@ -117,6 +117,12 @@ class VLLMAdapters:
             with contextlib.suppress(Exception):  # a server gone has nothing to unload
                 self.client.unload_adapter(name)
 
+    def unload_all(self) -> None:
+        """Take every adapter this engine loaded out of vLLM."""
+        with self.lock:
+            for name in list(self.loaded):
+                self._unload(name)
+
     def forget_all(self) -> None:
         """The server restarted: it holds no adapter any more."""
         with self.lock:
