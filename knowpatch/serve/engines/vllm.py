@@ -152,7 +152,8 @@ class VLLMEngine:
                     break  # released: the base weights write on
         remaining = gen.max_tokens - len(written)
         if remaining > 0 and not text.done:
-            for ids, finish in self.client.stream(None, row + written, remaining, sampling):
+            base = self.adapters.base()
+            for ids, finish in self.client.stream(base, row + written, remaining, sampling):
                 for token in ids:
                     if text.push(token, lambda: fired):
                         return

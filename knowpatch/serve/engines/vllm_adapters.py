@@ -1,7 +1,11 @@
 """Which adapters the vLLM server holds, and who is using them.
 
 A patch is loaded into vLLM once, under its id; a set of patches that fire together, once,
-as their merge (`merging.write_merged`) under `merged-<hash of the sorted ids>`. A patch
+as their merge (`merging.write_merged`) under `merged-<hash of the sorted ids>`. Rows on
+the base weights run on an all-zero adapter (`ZERO`) once any adapter is loaded: vLLM
+0.32's CPU path gave rows without an adapter, batched with rows that have one, the last
+loaded adapter (seen here: "The Eiffel Tower is located in the city of" → " Rome Oslo Oslo
+Oslo" while a Colosseum → Oslo patch was loaded and unloaded; vLLM PR #48421). A patch
 unloaded while rows still run on it (or on a merge that holds it) leaves vLLM when the last
 of them ends: a request finishes on the patch set it started with.
 """
@@ -17,8 +21,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ...merging import write_merged
+import torch
+from safetensors.torch import save_file
+
+from ...merging import merged_weights, write_merged
 from .vllm_client import VLLMClient
+
+ZERO = "knowpatch-zero"
+"""The all-zero adapter base rows run on (the base weights, exactly)."""
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's --max-lora-rank takes."""
@@ -80,6 +90,28 @@ class VLLMAdapters:
             self.loaded.add(name)
             self.members[name] = frozenset(patches)
             return name
+
+    def zero(self, like: str) -> str:
+        """The all-zero adapter (shaped as patch `like`'s), loaded if it was not."""
+        with self.lock:
+            if ZERO not in self.loaded:
+                folder = self.merged_dir / ZERO
+                shutil.rmtree(folder, ignore_errors=True)
+                tensors, config = merged_weights([self.folder(like)])
+                folder.mkdir(parents=True)
+                save_file({k: torch.zeros_like(v) for k, v in tensors.items()},
+                          str(folder / "adapter_model.safetensors"))
+                (folder / "adapter_config.json").write_text(json.dumps(config))
+                self.client.load_adapter(ZERO, str(folder))
+                self.loaded.add(ZERO)
+            return ZERO
+
+    def base(self) -> str | None:
+        """What a base row runs on: the zero adapter once a patch's adapter is loaded (see
+        the module's note), else the base model (None)."""
+        with self.lock:
+            like = next((m for members in self.members.values() for m in members), None)
+            return self.zero(like) if like is not None else None
 
     @contextlib.contextmanager
     def using(self, patches: list[str]) -> Iterator[str | None]:
