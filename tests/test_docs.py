@@ -343,8 +343,10 @@ def test_every_command_shown_parses_against_the_cli(page: Path, cli) -> None:
     assert not wrong, "commands that the CLI does not accept:\n" + "\n".join(wrong)
 
 
-# Options of other tools that the prose names in inline code (pip, torchrun).
-OTHER_TOOLS_OPTIONS = {"--no-deps", "--index-url", "--nproc_per_node", "--config_file"}
+# Options of other tools that the prose names in inline code (pip, torchrun, vLLM's server).
+OTHER_TOOLS_OPTIONS = {"--no-deps", "--index-url", "--nproc_per_node", "--config_file",
+                       "--enable-lora", "--max-lora-rank", "--tensor-parallel-size",
+                       "--pipeline-parallel-size"}
 
 
 def all_options(cmd) -> set[str]:

@@ -58,32 +58,89 @@ def _measure(base: str, prompts: list[str], patches: Any, tokens: int, at_once: 
             "rows_fired": sum(bool(r["fired"]) for r in rows)}
 
 
+def _texts(base: str, prompts: list[str], chat: bool, tokens: int) -> list[str]:
+    """Greedy texts of `prompts` (completions, or chat questions), routed, one at a time."""
+    import httpx
+
+    out = []
+    with httpx.Client(timeout=600) as client:
+        for p in prompts:
+            body = {"model": "bench", "max_tokens": tokens, "temperature": 0, "patches": "auto"}
+            if chat:
+                r = client.post(base + "/v1/chat/completions",
+                                json={**body, "messages": [{"role": "user", "content": p}]})
+                r.raise_for_status()
+                out.append(r.json()["choices"][0]["message"]["content"])
+            else:
+                r = client.post(base + "/v1/completions", json={**body, "prompt": p})
+                r.raise_for_status()
+                out.append(r.json()["choices"][0]["text"])
+    return out
+
+
+def _engine_app(editor: Editor, engine: str, settings: ServeSettings, vllm: dict[str, Any]):
+    if engine == "local":
+        return create_app(editor, settings)
+    from ..serve.engines.vllm import open_vllm_engine
+
+    return create_app(open_vllm_engine(editor, **vllm), settings)
+
+
+def _compare(texts: dict[str, dict[str, list[str]]], prompts: dict[str, list[str]]) -> dict:
+    """How many greedy texts the vLLM engine wrote as the local engine did, token for token."""
+    local, remote = texts["local"], texts["vllm"]
+    out = {}
+    for kind in local:
+        same = [a == b for a, b in zip(local[kind], remote[kind])]
+        out[kind] = {"prompts": len(same), "identical": sum(same),
+                     "differ": [{"prompt": p, "local": a, "vllm": b} for p, a, b, s in
+                                zip(prompts[kind], local[kind], remote[kind], same) if not s][:5]}
+    return out
+
+
 def run_serve_bench(editor: Editor, data: str, out: Path, *, requests: int = 64, tokens: int = 32,
-                    edits: int = 8, max_batch: int = 64, log=print) -> dict:
-    cases = load_cases(data, n=max(requests, edits))
+                    edits: int = 8, max_batch: int = 64, engines: tuple[str, ...] = ("local",),
+                    vllm: dict[str, Any] | None = None, check: int = 0, log=print) -> dict:
+    """Each engine in turn over the same patches: throughput rows, and (`check` > 0, both
+    engines) the first `check` records' completions and chat questions compared."""
+    cases = load_cases(data, n=max(requests, edits, check))
     prompts = [c.requests[0].prompt.replace("{}", c.requests[0].subject or "") for c in cases][:requests]
+    checked = {"completion": [c.requests[0].prompt.replace("{}", c.requests[0].subject or "")
+                              for c in cases[:check]],
+               "chat": [(list(c.requests[0].questions) or [c.requests[0].prompt])[0]
+                        for c in cases[:check]]}
     trained = []
     for case in cases[:edits]:
         patch = editor.edit(case.requests[0])
         trained.append(patch.id)
         log(f"edit {len(trained)}/{edits}: {patch.id} ({patch.seconds:.1f} s)")
-    served = InThread(create_app(editor, ServeSettings(max_batch=max_batch, served_name="bench")))
-    rows = []
-    try:
-        for patches in ([], "auto"):
-            for at_once in (False, True):
-                rows.append(_measure(served.base, prompts, patches, tokens, at_once))
-                log(json.dumps(rows[-1]))
-    finally:
-        served.stop()
-    for patches in ("base ([])", "routed (auto)"):
-        one, many = [r for r in rows if r["patches"] == patches]
-        many["speedup"] = round(many["tokens_per_s"] / one["tokens_per_s"], 2)
+    rows, texts, batches = [], {}, {}
+    for engine in engines:
+        served = InThread(_engine_app(editor, engine, ServeSettings(max_batch=max_batch,
+                                                                    served_name="bench"), vllm or {}))
+        try:
+            for patches in ([], "auto"):
+                for at_once in (False, True):
+                    rows.append({"engine": engine, **_measure(served.base, prompts, patches,
+                                                              tokens, at_once)})
+                    log(json.dumps(rows[-1]))
+            if check:
+                texts[engine] = {k: _texts(served.base, v, k == "chat", tokens)
+                                 for k, v in checked.items()}
+            batches[engine] = getattr(served.app.state.engine, "batches", None)
+        finally:
+            served.stop()
+    for engine in engines:
+        for patches in ("base ([])", "routed (auto)"):
+            one, many = [r for r in rows if r["patches"] == patches and r["engine"] == engine]
+            many["speedup"] = round(many["tokens_per_s"] / one["tokens_per_s"], 2)
     import torch
 
     report = {"data": data, "requests": requests, "max_tokens": tokens, "patches_loaded": len(trained),
               "max_batch": max_batch, "torch_threads": torch.get_num_threads(),
-              "batches_run": served.app.state.engine.batches, "rows": rows}
+              "engines": list(engines), "batches_run": batches, "rows": rows}
+    if check and {"local", "vllm"} <= set(texts):
+        report["same_text"] = _compare(texts, checked)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_report.json").write_text(json.dumps(report, indent=2))
     return report

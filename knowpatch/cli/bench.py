@@ -206,12 +206,21 @@ def bench_serve(
     tokens: int = typer.Option(32, help="max_tokens of each completion."),
     edits: int = typer.Option(8, help="Patches trained first (from the first records)."),
     max_batch: int = typer.Option(64, help="The server's --max-batch."),
+    engine: list[str] = typer.Option(["local"], "--engine", help="Engine to measure "
+                                     "(repeatable: --engine local --engine vllm measures both "
+                                     "over the same patches)."),
+    engine_url: str | None = typer.Option(None, help="vllm: a running vLLM server (none: one "
+                                          "is started)."),
+    vllm_python: str | None = typer.Option(None, help="vllm: the Python that runs vLLM."),
+    check: int = typer.Option(0, help="With both engines: compare the greedy completions and "
+                              "chat replies of the first N records, token for token."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Throughput of `knowpatch serve` over real HTTP: the same completions sent one at a
-    time and all at once, base and routed; tokens/s, speed-up, p50/p95 latency."""
+    time and all at once, base and routed; tokens/s, speed-up, p50/p95 latency — per
+    engine, and with --check the text of the two engines compared."""
     setup_logging(verbose)
 
     def body():
@@ -220,17 +229,25 @@ def bench_serve(
         for name, value in (("requests", requests), ("tokens", tokens), ("max_batch", max_batch)):
             if value < 1:
                 fail(f"{name}: must be at least 1 (got {value})")
+        if bad := [e for e in engine if e not in ("local", "vllm")]:
+            fail(f"engine: must be local or vllm (got {bad[0]!r})")
         editor = open_editor(ModelArgs(model, device, dtype, out_dir / "patches"), progress=False)
         report = run_serve_bench(editor, str(data), out_dir, requests=requests, tokens=tokens,
-                                 edits=edits, max_batch=max_batch, log=err.print)
+                                 edits=edits, max_batch=max_batch, engines=tuple(engine),
+                                 vllm={"url": engine_url, "python": vllm_python}, check=check,
+                                 log=err.print)
         table = Table(title=f"serve: {requests} completions of {tokens} tokens, "
                       f"{report['patches_loaded']} patches loaded", title_justify="left")
-        cols = ["patches", "mode", "wall_s", "tokens_per_s", "speedup", "p50_s", "p95_s", "rows_fired"]
+        cols = ["engine", "patches", "mode", "wall_s", "tokens_per_s", "speedup", "p50_s", "p95_s",
+                "rows_fired"]
         for c in cols:
             table.add_column(c.replace("_", " "), justify="right")
         for row in report["rows"]:
             table.add_row(*(str(row.get(c, "–")) for c in cols))
         out.print(table)
+        for kind, same in (report.get("same_text") or {}).items():
+            out.print(f"{kind}: the vLLM engine's greedy text equals the local engine's on "
+                      f"{same['identical']} of {same['prompts']} prompts")
         out.print(f"report: {out_dir / 'serve_report.json'}")
     run_body(body)
 

@@ -28,7 +28,7 @@ from ..rows import RowText
 from .local import LocalEngine
 from .phases import Phases, servable
 from .vllm_adapters import VLLMAdapters, lora_rank_for
-from .vllm_client import AdapterRefused, EngineUnavailable, Sampling, VLLMClient
+from .vllm_client import AdapterRefused, EngineUnavailable, Sampling, UnknownAdapter, VLLMClient
 from .vllm_process import VLLMProcess, vllm_python
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,13 @@ class VLLMEngine:
     def run_row(self, gen: Generation, choice: int, fired: list[str], phases: Phases) -> None:
         text = RowText(self.tokenizer, gen, choice)
         try:
-            self.write(gen, choice, text, fired, phases)
+            try:
+                self.write(gen, choice, text, fired, phases)
+            except UnknownAdapter:  # a server restarted by others: load the adapters again
+                if text.ids:
+                    raise
+                self.adapters.forget_all()
+                self.write(gen, choice, text, fired, phases)
         except EngineUnavailable as exc:
             text.finish(f"unavailable: the vLLM engine {exc}", fired)
         except Exception as exc:  # one bad row must not stop the others

@@ -20,6 +20,10 @@ class EngineUnavailable(RuntimeError):
     """The vLLM server does not answer (down, restarting, or never started)."""
 
 
+class UnknownAdapter(LookupError):
+    """vLLM does not know the adapter a request names (it restarted without it)."""
+
+
 class AdapterRefused(ValueError):
     """vLLM refused to load an adapter; the message is vLLM's reason."""
 
@@ -104,6 +108,8 @@ class VLLMClient:
             with self.http.stream("POST", "/v1/completions", json=body) as reply:
                 if reply.status_code >= 400:
                     reply.read()
+                    if reply.status_code == 404 and model:
+                        raise UnknownAdapter(f"vLLM does not know {model!r}: {_reason(reply)}")
                     raise RuntimeError(f"vLLM answered {reply.status_code}: {_reason(reply)}")
                 for line in reply.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
