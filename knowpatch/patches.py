@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -124,6 +125,8 @@ class Patch:
                 save_file({k: v.contiguous().cpu() for k, v in self.keys.items()},
                           str(tmp / ROUTER_KEYS))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False))
+            if pause := float(os.environ.get("KNOWPATCH_FAULT_SAVE_PAUSE") or 0):
+                time.sleep(pause)  # fault injection: lets a test kill the process mid-save
             if folder.exists():  # overwrite: move the old one aside first, drop it after
                 old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:6]}")
                 os.replace(folder, old)

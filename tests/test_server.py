@@ -117,6 +117,10 @@ def test_sampling_n_seed_stop(served):
     b = client.completions.create(n=3, **kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same text
+    others = [client.completions.create(**{**kw, "seed": s}).choices[0].text for s in (1, 2, 3)]
+    assert len(set(others + [a.choices[0].text])) > 1  # seeds are honoured: not greedy text
+    greedy = complete(client, PROMPT, max_tokens=8).choices[0].text
+    assert any(t != greedy for t in others + [c.text for c in a.choices])
     assert 3 <= a.usage.completion_tokens <= 24  # counted by the engine, 1..8 per choice
     full = complete(client, PROMPT, max_tokens=8).choices[0].text
     words = full.split()
@@ -246,17 +250,19 @@ def test_concurrent_requests_while_patches_come_and_go(served):
 
 
 def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
-    """The server is killed (SIGKILL) at several points of an edit, the moment a
-    half-written patch folder appears among them; after each restart the store holds only
-    complete patches, and the server starts and serves them."""
+    """The server is killed (SIGKILL) while it saves a patch (a fault-injected pause holds
+    the save between writing its temp folder and renaming it): the half-written folder is
+    seen, the restarted server removes it, lists only whole patches, and edits again."""
     store = tmp_path / "store"
     env = {**os.environ, "KNOWPATCH_HOME": str(tmp_path / "home")}
 
-    def start() -> tuple[subprocess.Popen, str]:
+    def start(pause: float = 0) -> tuple[subprocess.Popen, str]:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "knowpatch.cli", "serve", "--model",
                                  str(tiny_dir), "--device", "cpu", "--store", str(store),
-                                 "--port", str(port)], env=env, stderr=subprocess.PIPE)
+                                 "--port", str(port)],
+                                env={**env, "KNOWPATCH_FAULT_SAVE_PAUSE": str(pause)},
+                                stderr=subprocess.PIPE)
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while True:
@@ -268,33 +274,31 @@ def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
                 assert time.time() < deadline
                 time.sleep(0.1)
 
-    saw_partial = False
-    for attempt in range(2):
-        proc, base = start()
-        before = {p.name for p in store.iterdir()} if store.is_dir() else set()
-        http.post(base + "/v1/patches", json=EDIT)
-        deadline = time.time() + (120 if attempt == 0 else 0.3 * attempt)
-        while time.time() < deadline:  # kill as soon as the temp folder of the save shows
-            if store.is_dir() and any(p.name.startswith(".") for p in store.iterdir()):
-                saw_partial = True
-                break
-            if store.is_dir() and {p.name for p in store.iterdir()} - before:
-                break
-            time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGKILL)
+    def partial() -> list[Path]:
+        return [p for p in store.iterdir() if p.name.startswith(".")] if store.is_dir() else []
+
+    proc, base = start(pause=60)
+    assert http.post(base + "/v1/patches", json=EDIT).status_code == 202
+    deadline = time.time() + 120
+    while not any((p / "patch.json").is_file() for p in partial()):  # the save is under way
+        assert time.time() < deadline and proc.poll() is None, "no save seen"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # inside the save: its temp folder is written, not renamed
+    proc.wait()
+    assert partial() and not [p for p in store.iterdir() if not p.name.startswith(".")]
+    proc, base = start()
+    try:
+        assert not partial()  # what the killed save left is gone
+        assert http.get(base + "/v1/patches").json()["data"] == []
+        job = edit(base, EDIT)  # and the server edits again, whole
+        folders = sorted(p.name for p in store.iterdir())
+        assert folders == [job["patch"]]
+        assert [p["id"] for p in http.get(base + "/v1/patches").json()["data"]] == folders
+        assert {"patch.json", "adapter_model.safetensors"} <= {
+            f.name for f in (store / folders[0]).iterdir()}
+    finally:
+        proc.terminate()
         proc.wait()
-        proc, base = start()
-        try:
-            listed = http.get(base + "/v1/patches").json()["data"]
-            folders = sorted(p.name for p in store.iterdir()) if store.is_dir() else []
-            assert sorted(p["id"] for p in listed) == folders  # every folder whole and loaded
-            for folder in folders:
-                assert {"patch.json", "adapter_model.safetensors"} <= {
-                    f.name for f in (store / folder).iterdir()}
-        finally:
-            proc.terminate()
-            proc.wait()
-    print(f"a half-written patch folder was caught and killed: {saw_partial}")
 
 
 def test_cli_serve_help_documents_the_options():
