@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from .errors import KnowpatchError
+from .decoding import prompt_ids
 from .evaluate import greedy, teacher_forced
 from .methods import AUTO, choose_method
 from .requests import EditRequest
@@ -40,7 +41,10 @@ def measure(editor, probe: list[EditRequest], patches: list, samples: int
     with editor.using(patches) as model:
         chosen = teacher_forced(model, editor.tokenizer, [(p.prompt, p.target_new) for p in probe])
         rejected = teacher_forced(model, editor.tokenizer, [(p.prompt, p.rejected) for p in probe])
-        gens = greedy(model, editor.tokenizer, [p.prompt for p in probe[:samples]], 30)
+        shown = [p.prompt for p in probe[:samples]]
+        context = editor.context_length or 1 << 30  # a short context: shorter samples
+        budgets = [max(0, min(30, context - len(prompt_ids(editor.tokenizer, p)))) for p in shown]
+        gens = greedy(model, editor.tokenizer, shown, budgets)
     margins = [c.logprob - r.logprob for c, r in zip(chosen, rejected)]
     acc = 100.0 * sum(m > 0 for m in margins) / len(margins)
     texts = [editor.tokenizer.decode(g, skip_special_tokens=True) for g in gens]

@@ -14,6 +14,7 @@ from ..editor import Editor
 from ..evaluate import SCORE_KEYS
 from ..methods import AUTO, AUTO_PARALLEL, METHODS, check_settings
 from ..requests import EditRequest, LocalityProbe
+from .behaviour import edit_behaviour, eval_behaviour
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -49,8 +50,23 @@ def edit(
                                             '{"prompt", "chosen", "rejected"} lines: one DPO '
                                             "patch shifting behaviour (e.g. "
                                             "examples/preferences-formal.jsonl)."),
-    heldout: float = typer.Option(0.2, help="With --preferences: share of the pairs kept out "
-                                  "of training to measure preference accuracy before/after."),
+    behaviour: str | None = typer.Option(None, "--behaviour", help="A behaviour in words "
+                                         "(e.g. \"Answer in one short sentence.\"): pairs are "
+                                         "made from the model's answers with and without it, "
+                                         "kept by --judge, and a DPO patch makes it hold "
+                                         "without the instruction. Needs --prompts and --judge."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="With --behaviour: a text file "
+                                        "of user prompts, one per line (--heldout of them "
+                                        "measure the patch)."),
+    judge: list[str] | None = typer.Option(None, "--judge", help="With --behaviour: what the "
+                                           "behaviour looks like (repeatable, all must pass): "
+                                           "max-words:N, starts-with:TEXT, ends-with:TEXT, "
+                                           "contains:W, not-contains:W, regex:P, "
+                                           "no-contractions, language:CODE, refusal, "
+                                           "module:function."),
+    heldout: float = typer.Option(0.2, help="With --preferences (--behaviour): share of the "
+                                  "pairs (prompts) kept out of training to measure the patch "
+                                  "before/after."),
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
                                "auto (facts: a routed LoRA SFT patch per fact, trained "
                                f"{AUTO_PARALLEL} side by side; preference pairs: DPO; it says "
@@ -76,12 +92,21 @@ def edit(
     overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value, "
                                                     "e.g. lr=1e-3 rank=4 seed=1."),
 ) -> None:
-    """Edit one fact, score it beside the unedited model, and save it as a patch.
+    """Edit one fact, score it beside the unedited model, and save it as a patch (or a
+    behaviour: --behaviour TEXT --prompts FILE --judge SPEC; or preference pairs).
 
     Example: knowpatch edit -p "The Eiffel Tower is located in the city of" -t Rome
     --neighbor "The capital of Germany is" lr=5e-3
     """
     setup_logging(verbose)
+    if behaviour is not None:
+        if prompt or target or requests or preferences:
+            fail("--behaviour excludes --prompt/--target, --requests and --preferences")
+        run_body(edit_behaviour, behaviour, prompts, judge, heldout, config,
+                 ModelArgs(model, device, dtype, store), as_json, overrides)
+        return
+    if prompts is not None or judge:
+        fail("--prompts and --judge go with --behaviour")
     if preferences is not None:
         if prompt or target or requests:
             fail("--preferences excludes --prompt/--target and --requests")
@@ -193,13 +218,24 @@ def eval_(
     ground_truth: str | None = typer.Option(None), subject: str | None = typer.Option(None),
     paraphrase: list[str] | None = typer.Option(None, help="Extra paraphrase (repeatable)."),
     neighbor: list[str] | None = typer.Option(None, help="Extra neighbour (repeatable)."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="A behaviour patch: a text file "
+                                        "of prompts, one per line, answered greedily to EOS "
+                                        "(96 new tokens at most) with and without the patches "
+                                        "and judged by --judge."),
+    judge: list[str] | None = typer.Option(None, "--judge", help="With --prompts: the judge "
+                                           "(repeatable; see knowpatch edit --help)."),
     store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
     dtype: str | None = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Score existing patches (without editing again) beside the unedited model."""
+    """Score existing patches (without editing again) beside the unedited model: a fact
+    patch by its requests, a behaviour patch by --prompts and --judge."""
     setup_logging(verbose)
+    if prompts is not None or judge:
+        run_body(eval_behaviour, patch, prompts, judge, ModelArgs(model, device, dtype, store),
+                 as_json)
+        return
     run_body(_eval, patch, prompt, target, ground_truth, subject, paraphrase, neighbor,
              ModelArgs(model, device, dtype, store), as_json)
 

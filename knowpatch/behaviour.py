@@ -1,0 +1,171 @@
+"""Behaviour edits from words: a behaviour described in an instruction ("Answer in one short
+sentence.") becomes a DPO patch that makes the model act so *without* the instruction —
+context distillation, judged by a program (`judges`) on what the model writes.
+
+For each training prompt (a user question): chosen answers are the base model's own,
+sampled with the instruction in the system message and kept where the judge passes them;
+rejected answers are its answers without the instruction (greedy first, then sampled) that
+the judge fails. A prompt with no passing chosen answer, or whose answers already pass
+without the instruction, gives no pair and is reported, never dropped in silence. Answers
+are written to their end (EOS) under a cap; one the cap cut is marked truncated (a length
+judge fails it), and an answer that ended is trained with its EOS, so that the patch also
+learns where to stop.
+
+    pairs, report = behaviour_pairs(editor, "Answer in one short sentence.", prompts,
+                                    parse_judges("max-words:20"))
+    patch, _ = editor.edit_preferences(pairs, heldout=0, prefixes=0)
+    measured = judge_answers(editor, held_out_prompts, judge, patches=[patch])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decoding import left_padded, prompt_ids
+from .errors import KnowpatchError
+from .fluency import mean_fluency
+from .judges import Judges
+from .questions import chat_prompt
+from .requests import EditRequest, encode_completion
+
+ANSWER_TOKENS = 96
+"""The cap on an answer's new tokens (an answer cut there is truncated)."""
+
+
+@dataclass
+class Answer:
+    text: str
+    truncated: bool  # the cap ended it, not EOS
+
+
+@torch.no_grad()
+def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = ANSWER_TOKENS,
+            samples: int = 1, temperature: float = 0.0, seed: int = 0,
+            batch: int = 16) -> list[list[Answer]]:
+    """`samples` answers to each of `prompts` (greedy at temperature 0), each to its EOS
+    or the cap."""
+    eos = tokenizer.eos_token_id
+    out: list[list[Answer]] = []
+    torch.manual_seed(seed)
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        ids, mask = left_padded([prompt_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
+        budget = min(max_new_tokens, context - ids.shape[1])  # a short context: shorter answers
+        if budget < 1:
+            raise KnowpatchError(f"prompts: a prompt of {ids.shape[1]} tokens fills the model's "
+                                 f"context of {context}")
+        device = next(model.parameters()).device
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": None}
+                    if temperature > 0 else
+                    {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        made = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              max_new_tokens=budget, num_return_sequences=samples,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling)
+        new = made[:, ids.shape[1]:].tolist()
+        for i in range(len(chunk)):
+            row = []
+            for tokens in new[i * samples:(i + 1) * samples]:
+                ended = eos in tokens
+                tokens = tokens[:tokens.index(eos)] if ended else tokens
+                row.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                  not ended))
+            out.append(row)
+    return out
+
+
+def check_prompts(prompts: list[str], field: str = "prompts") -> list[str]:
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise KnowpatchError(f"{field}: no prompts (one per line)")
+    return prompts
+
+
+def behaviour_pairs(editor, behaviour: str, prompts: list[str], judge: Judges, *,
+                    samples: int = 4, temperature: float = 0.8, seed: int = 0,
+                    max_new_tokens: int = ANSWER_TOKENS) -> tuple[list[EditRequest], dict]:
+    """Preference pairs that teach `behaviour` without the instruction (see the module), and
+    a report: pairs made, prompts without a pair and why, and pass rates of the answers."""
+    if not behaviour or not behaviour.strip():
+        raise KnowpatchError("behaviour: empty (describe the behaviour, e.g. \"Answer in one "
+                             "short sentence.\")")
+    prompts = check_prompts(prompts)
+    tok = editor.tokenizer
+    plain = [chat_prompt(tok, q) for q in prompts]
+    told = [chat_prompt(tok, q, behaviour.strip()) for q in prompts]
+    context = editor.context_length or 1 << 30  # a pair (prompt, answer, EOS) must fit it
+    longest = max(len(prompt_ids(tok, p)) for p in plain + told)
+    max_new_tokens = min(max_new_tokens, context - longest - 1)
+    if max_new_tokens < 1:
+        raise KnowpatchError(f"prompts: a prompt of {longest} tokens fills the model's context "
+                             f"of {context}")
+    with editor.using([]) as base:
+        with_it = answers(base, tok, told, samples=samples, temperature=temperature, seed=seed,
+                          max_new_tokens=max_new_tokens)
+        greedy_plain = answers(base, tok, plain, max_new_tokens=max_new_tokens)
+        sampled_plain = answers(base, tok, plain, samples=2, temperature=temperature,
+                                seed=seed + 1, max_new_tokens=max_new_tokens)
+    eos = tok.eos_token or ""
+    pairs, skipped = [], {}
+    for q, prompt, good, bad in zip(prompts, plain, with_it,
+                                    [g + s for g, s in zip(greedy_plain, sampled_plain)]):
+        chosen = next((a for a in good if judge(a.text, a.truncated)), None)
+        rejected = next((a for a in bad if not judge(a.text, a.truncated)), None)
+        if chosen is None:
+            skipped[q] = "no answer given the instruction passed the judge"
+        elif rejected is None:
+            skipped[q] = "every answer without the instruction already passes"
+        elif not all(_fits(tok, prompt, _ended(a, eos), context) for a in (chosen, rejected)):
+            skipped[q] = "its answers do not fit the model's context"
+        else:
+            pairs.append(EditRequest(prompt=prompt, target_new=_ended(chosen, eos),
+                                     rejected=_ended(rejected, eos)))
+    report = {"behaviour": behaviour.strip(), "judge": judge.spec, "prompts": len(prompts),
+              "pairs": len(pairs), "skipped": skipped,
+              "pass_with_instruction": _rate([a for row in with_it for a in row], judge),
+              "pass_without": _rate([row[0] for row in greedy_plain], judge)}
+    if not pairs:
+        raise KnowpatchError(f"prompts: no preference pair could be made ({len(skipped)} "
+                             f"prompts: {next(iter(skipped.values()))})")
+    return pairs, report
+
+
+def _fits(tokenizer, prompt: str, answer: str, context: int) -> bool:
+    """Prompt and answer, tokenized as training reads them, fit the context (an answer's
+    text can take more tokens than were generated: decoding does not round-trip)."""
+    head, body = encode_completion(tokenizer, prompt, answer)
+    return len(head) + len(body) <= context
+
+
+def _ended(answer: Answer, eos: str) -> str:
+    """The answer as a training target: with its EOS where it ended (after the chat
+    template's "assistant\n" no space goes before it: `requests.split_completion`)."""
+    return answer.text + eos if not answer.truncated else answer.text
+
+
+def _rate(found: list[Answer], judge: Judges) -> float:
+    return round(100.0 * sum(judge(a.text, a.truncated) for a in found) / max(1, len(found)), 2)
+
+
+def judge_answers(editor, prompts: list[str], judge: Judges, *, patches=None,
+                  max_new_tokens: int = ANSWER_TOKENS) -> dict:
+    """Greedy chat answers to `prompts` with `patches` active (None: those applied; []: the
+    base model): the judge's pass rate (%), their fluency, the answers."""
+    tok = editor.tokenizer
+    with editor.using(patches) as model:
+        found = [row[0] for row in answers(model, tok, [chat_prompt(tok, q) for q in prompts],
+                                          max_new_tokens=max_new_tokens)]
+    fluency = mean_fluency([a.text for a in found])
+    return {"pass_rate": _rate(found, judge),
+            "fluency": None if fluency is None else round(fluency, 4),
+            "truncated": sum(a.truncated for a in found), "answers": [a.text for a in found]}
+
+
+def unchanged(before: list[str], after: list[str], tokenizer, tokens: int = 12) -> float:
+    """The share (%) of answers whose first `tokens` tokens are the same before and after."""
+    def head(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    same = [head(a) == head(b) for a, b in zip(before, after)]
+    return round(100.0 * sum(same) / max(1, len(same)), 2)

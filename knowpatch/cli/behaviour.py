@@ -1,0 +1,104 @@
+"""`knowpatch edit --behaviour` and `knowpatch eval --prompts`: a behaviour described in words
+made into a DPO patch, and a patch judged on what the model writes (`knowpatch.behaviour`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from ..behaviour import behaviour_pairs, check_prompts, judge_answers, unchanged
+from ..errors import KnowpatchError
+from ..judges import parse_judges
+from ..methods import check_settings
+from .common import ModelArgs, method_config, open_editor, open_store, out
+
+
+def read_prompts(path: Path | None, field: str = "prompts") -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped)."""
+    if path is None:
+        raise KnowpatchError(f"{field}: a file of prompts is needed (--{field.replace('_', '-')} FILE)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KnowpatchError(f"{field}: cannot read {str(path)!r} ({exc})") from None
+    return check_prompts(text.splitlines(), field)
+
+
+def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[str] | None,
+                   heldout: float, config: Path | None, args: ModelArgs, as_json: bool,
+                   overrides: list[str] | None) -> None:
+    """Pairs from the behaviour, a DPO patch trained on them, the held-out prompts judged
+    before and after; nothing is written if any input is bad."""
+    judge = parse_judges(judge_specs or [])
+    prompts = read_prompts(prompts_file)
+    if not 0 <= heldout < 1:
+        raise KnowpatchError(f"heldout: must be in [0, 1) (got {heldout})")
+    if not behaviour.strip():
+        raise KnowpatchError("behaviour: empty (describe the behaviour in words)")
+    _, values = method_config("dpo", config, overrides, check=False)
+    values.setdefault("prefixes", 0)  # the chat prompt is the context; no random prefixes
+    check_settings("dpo", values)
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    n_held = round(heldout * len(prompts))
+    held = [prompts[i] for i in sorted(order[:n_held])]
+    train = [prompts[i] for i in sorted(order[n_held:])]
+    editor = open_editor(args)
+    pairs, made = behaviour_pairs(editor, behaviour, train, judge)
+    patch, _ = editor.edit_preferences(pairs, heldout=0.0, save=False, config=values)
+    probe = held or train
+    before = judge_answers(editor, probe, judge, patches=[])
+    after = judge_answers(editor, probe, judge, patches=[patch])
+    report = {**made, "measured_on": "heldout" if held else "training prompts (heldout=0)",
+              "pass_rate": {"unedited": before["pass_rate"], "edited": after["pass_rate"]},
+              "fluency": {"unedited": before["fluency"], "edited": after["fluency"]},
+              "truncated": {"unedited": before["truncated"], "edited": after["truncated"]},
+              "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in
+                          zip(probe[:5], before["answers"], after["answers"])]}
+    patch.manifest["behaviour"] = report
+    editor.save(patch)
+    if as_json:
+        print(json.dumps({"patch_id": patch.id, "patch": str(patch.path), "behaviour": report}))
+        return
+    _show(report, f"behaviour edit: {behaviour.strip()!r}, judged by {judge.spec}")
+    out.print(f"{patch.steps} steps, {patch.seconds:.1f} s, {len(pairs)} pairs "
+              f"({len(made['skipped'])} prompts without one); patch saved to {patch.path}")
+
+
+def eval_behaviour(patch_refs: list[Path], prompts_file: Path | None, judge_specs: list[str] | None,
+                   args: ModelArgs, as_json: bool) -> None:
+    """Greedy answers to the prompts, unedited and with the patches, judged."""
+    judge = parse_judges(judge_specs or [])
+    prompts = read_prompts(prompts_file)
+    patches = [open_store(args.store).load(p) for p in patch_refs]
+    editor = open_editor(args)
+    before = judge_answers(editor, prompts, judge, patches=[])
+    after = judge_answers(editor, prompts, judge, patches=patches)
+    report = {"judge": judge.spec, "prompts": len(prompts),
+              "pass_rate": {"unedited": before["pass_rate"], "edited": after["pass_rate"]},
+              "fluency": {"unedited": before["fluency"], "edited": after["fluency"]},
+              "truncated": {"unedited": before["truncated"], "edited": after["truncated"]},
+              "unchanged": unchanged(before["answers"], after["answers"], editor.tokenizer),
+              "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in
+                          zip(prompts[:5], before["answers"], after["answers"])]}
+    if as_json:
+        print(json.dumps({"behaviour": report, "patches": [str(p.path) for p in patches]}))
+        return
+    _show(report, f"{len(prompts)} prompts judged by {judge.spec}")
+    out.print(f"answers unchanged in their first 12 tokens: {report['unchanged']} %")
+
+
+def _show(report: dict, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("", "unedited", "edited"):
+        table.add_column(col)
+    for key in ("pass_rate", "fluency", "truncated"):
+        table.add_row(key.replace("_", " "), str(report[key]["unedited"]), str(report[key]["edited"]))
+    out.print(table)
+    for s in report["samples"]:
+        out.print(f"[bold]{escape(s['prompt'])}[/]\n  before: {escape(s['before'])}\n"
+                  f"  after:  {escape(s['after'])}", highlight=False)
