@@ -7,8 +7,8 @@ import logging
 import random
 from typing import Any
 
-from .errors import KnowpatchError
 from .decoding import prompt_ids
+from .errors import KnowpatchError
 from .evaluate import greedy, teacher_forced
 from .methods import AUTO, choose_method
 from .requests import EditRequest
