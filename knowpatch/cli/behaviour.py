@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import typer
 from rich.markup import escape
 from rich.table import Table
 
@@ -15,6 +16,20 @@ from ..errors import KnowpatchError
 from ..judges import parse_judges
 from ..methods import check_settings
 from .common import ModelArgs, method_config, open_editor, open_store, out
+
+BehaviourOpt = typer.Option(
+    None, "--behaviour", help="A behaviour in words (e.g. \"Answer in one short sentence.\"): "
+    "pairs are made from the model's answers with and without it, kept by --judge, and a DPO "
+    "patch makes it hold without the instruction. Needs --prompts and --judge.")
+PromptsOpt = typer.Option(None, "--prompts", help="With --behaviour: a text file of user "
+                          "prompts, one per line (--heldout of them measure the patch).")
+EvalPromptsOpt = typer.Option(None, "--prompts", help="A behaviour patch: a text file of "
+                              "prompts, one per line, answered greedily to EOS (96 new tokens "
+                              "at most) with and without the patches and judged by --judge.")
+JudgeOpt = typer.Option(None, "--judge", help="What the behaviour looks like (repeatable, all "
+                        "must pass): max-words:N, starts-with:TEXT, ends-with:TEXT, "
+                        "contains:W, not-contains:W, regex:P, no-contractions, language:CODE, "
+                        "refusal, module:function.")
 
 
 def read_prompts(path: Path | None, field: str = "prompts") -> list[str]:

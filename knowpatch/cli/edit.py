@@ -14,7 +14,14 @@ from ..editor import Editor
 from ..evaluate import SCORE_KEYS
 from ..methods import AUTO, AUTO_PARALLEL, METHODS, check_settings
 from ..requests import EditRequest, LocalityProbe
-from .behaviour import edit_behaviour, eval_behaviour
+from .behaviour import (
+    BehaviourOpt,
+    EvalPromptsOpt,
+    JudgeOpt,
+    PromptsOpt,
+    edit_behaviour,
+    eval_behaviour,
+)
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -50,20 +57,8 @@ def edit(
                                             '{"prompt", "chosen", "rejected"} lines: one DPO '
                                             "patch shifting behaviour (e.g. "
                                             "examples/preferences-formal.jsonl)."),
-    behaviour: str | None = typer.Option(None, "--behaviour", help="A behaviour in words "
-                                         "(e.g. \"Answer in one short sentence.\"): pairs are "
-                                         "made from the model's answers with and without it, "
-                                         "kept by --judge, and a DPO patch makes it hold "
-                                         "without the instruction. Needs --prompts and --judge."),
-    prompts: Path | None = typer.Option(None, "--prompts", help="With --behaviour: a text file "
-                                        "of user prompts, one per line (--heldout of them "
-                                        "measure the patch)."),
-    judge: list[str] | None = typer.Option(None, "--judge", help="With --behaviour: what the "
-                                           "behaviour looks like (repeatable, all must pass): "
-                                           "max-words:N, starts-with:TEXT, ends-with:TEXT, "
-                                           "contains:W, not-contains:W, regex:P, "
-                                           "no-contractions, language:CODE, refusal, "
-                                           "module:function."),
+    behaviour: str | None = BehaviourOpt, prompts: Path | None = PromptsOpt,
+    judge: list[str] | None = JudgeOpt,
     heldout: float = typer.Option(0.2, help="With --preferences (--behaviour): share of the "
                                   "pairs (prompts) kept out of training to measure the patch "
                                   "before/after."),
@@ -99,22 +94,31 @@ def edit(
     --neighbor "The capital of Germany is" lr=5e-3
     """
     setup_logging(verbose)
+    args = ModelArgs(model, device, dtype, store)
+    kind = _kind(behaviour, preferences, bool(prompt or target or requests), prompts, judge)
+    if kind == "behaviour":
+        run_body(edit_behaviour, behaviour, prompts, judge, heldout, config, args, as_json,
+                 overrides)
+    elif kind == "preferences":
+        run_body(_edit_preferences, preferences, heldout, method, config, args, as_json, overrides)
+    else:
+        run_body(_edit, prompt, target, requests, method, ground_truth, subject, paraphrase,
+                 neighbor, question, config, args, as_json, overrides)
+
+
+def _kind(behaviour, preferences, facts: bool, prompts, judge) -> str:
+    """Which edit the options ask for (behaviour, preferences or facts); mixed ones fail."""
     if behaviour is not None:
-        if prompt or target or requests or preferences:
+        if facts or preferences:
             fail("--behaviour excludes --prompt/--target, --requests and --preferences")
-        run_body(edit_behaviour, behaviour, prompts, judge, heldout, config,
-                 ModelArgs(model, device, dtype, store), as_json, overrides)
-        return
+        return "behaviour"
     if prompts is not None or judge:
         fail("--prompts and --judge go with --behaviour")
     if preferences is not None:
-        if prompt or target or requests:
+        if facts:
             fail("--preferences excludes --prompt/--target and --requests")
-        run_body(_edit_preferences, preferences, heldout, method, config,
-                 ModelArgs(model, device, dtype, store), as_json, overrides)
-        return
-    run_body(_edit, prompt, target, requests, method, ground_truth, subject, paraphrase, neighbor,
-             question, config, ModelArgs(model, device, dtype, store), as_json, overrides)
+        return "preferences"
+    return "facts"
 
 
 def _edit_preferences(path, heldout, method, config, args: ModelArgs, as_json, overrides) -> None:
@@ -218,12 +222,7 @@ def eval_(
     ground_truth: str | None = typer.Option(None), subject: str | None = typer.Option(None),
     paraphrase: list[str] | None = typer.Option(None, help="Extra paraphrase (repeatable)."),
     neighbor: list[str] | None = typer.Option(None, help="Extra neighbour (repeatable)."),
-    prompts: Path | None = typer.Option(None, "--prompts", help="A behaviour patch: a text file "
-                                        "of prompts, one per line, answered greedily to EOS "
-                                        "(96 new tokens at most) with and without the patches "
-                                        "and judged by --judge."),
-    judge: list[str] | None = typer.Option(None, "--judge", help="With --prompts: the judge "
-                                           "(repeatable; see knowpatch edit --help)."),
+    prompts: Path | None = EvalPromptsOpt, judge: list[str] | None = JudgeOpt,
     store: Path | None = StoreOpt, model: str = ModelOpt, device: str = DeviceOpt,
     dtype: str | None = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
