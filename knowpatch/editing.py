@@ -27,7 +27,7 @@ from .loaded import LoadedPatches
 from .methods import get_method, resolve_method
 from .methods.in_context import statement
 from .methods.side_by_side import train_side_by_side
-from .patches import Patch, new_patch_id
+from .patches import Patch
 from .requests import as_requests, check_all_fit, encode_completion
 from .router import compute_keys, fact_of, merge_keys
 from .subjects import with_subjects
@@ -74,7 +74,7 @@ class Trainer:
         if job.kind == "context":
             if into is not None:
                 raise KnowpatchError("into: an in-context patch is not trained on further")
-            patch_id = new_patch_id(job.requests[0].subject or job.requests[0].prompt)
+            patch_id = job.patch_id()
             keys = self.keys_for(job.requests, job.cfg.route_layer) if job.cfg.route else None
             result = job.module.train(self.model, self.tokenizer, job.requests, job.cfg,
                                       base=lambda: contextlib.nullcontext(self.model))
@@ -147,7 +147,7 @@ class Trainer:
             loaded.pager.need([patch_id])
             loaded.pager.forget(patch_id)  # trained on: resident until saved again
         else:
-            patch_id = new_patch_id(requests[0].subject or requests[0].prompt)
+            patch_id = job.patch_id()
             torch.manual_seed(cfg.seed)
             adapter_cfg = job.module.adapter_config(self.model, cfg)
             with phase("adapter"):
@@ -185,7 +185,7 @@ class Trainer:
         if into is not None:
             raise KnowpatchError("into: only LoRA patches can be trained on further (the "
                                  "shared strategy); full-parameter patches are deltas")
-        patch_id = new_patch_id(job.requests[0].subject or job.requests[0].prompt)
+        patch_id = job.patch_id()
         torch.manual_seed(job.cfg.seed)
         self.loaded.activate([])  # base weights, adapters off: the delta is taken from the base
         started = time.perf_counter()
@@ -204,7 +204,7 @@ class Trainer:
         bank, names, configs = self.loaded.adapters, [], []
         try:
             for job in jobs:
-                names.append(new_patch_id(job.requests[0].subject or job.requests[0].prompt))
+                names.append(job.patch_id())
                 torch.manual_seed(job.cfg.seed)  # each adapter starts as it would alone
                 configs.append(job.module.adapter_config(self.model, job.cfg))
                 bank.add(names[-1], configs[-1])

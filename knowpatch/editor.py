@@ -283,6 +283,7 @@ class Editor:
         trainer = self._trainer
         with clocked() as phases:  # the manifest's `phases`: where the edit's time went
             job = trainer.job(requests, method, config, overrides, evaluate, bool(options.get("pairs")))
+            job.label = options.pop("label", None)  # the patch's name, if not its subject
             patch = trainer.finish(job, trainer.train(job, into, options, self._progress), into, phases)
             self._keep(patch, save)
             return patch
@@ -322,11 +323,14 @@ class Editor:
 
     def edit_preferences(self, pairs: Sequence[EditRequest], *, heldout: float = 0.2,
                          method: str = "dpo", seed: int = 0, save: bool = True,
-                         samples: int = 3, **overrides: Any) -> tuple[Patch, dict[str, Any]]:
+                         samples: int = 3, label: str | None = None,
+                         **overrides: Any) -> tuple[Patch, dict[str, Any]]:
         """A behaviour edit: one DPO patch over preference pairs (requests with `rejected`),
-        a `heldout` share measured before and after (`preferences`): (patch, report)."""
+        a `heldout` share measured before and after (`preferences`): (patch, report).
+        `label`: what the patch id is named after (default: the first pair's prompt)."""
         patch, report = edit_preferences(self, as_requests(pairs), heldout=heldout,
-                                         method=method, seed=seed, samples=samples, **overrides)
+                                         method=method, seed=seed, samples=samples, label=label,
+                                         **overrides)
         if save and is_main_process():
             self._store.save(patch)
         return patch, report

@@ -27,6 +27,14 @@ class EditJob:
     auto_why: str | None  # why `method auto` chose the method (None: it was named)
     inferred: dict[int, str]  # request index -> subject found in its prompt
     baseline: Evaluation | None
+    label: str | None = None  # what the patch id is made from (None: the first subject or prompt)
+
+    def patch_id(self) -> str:
+        """A new patch id, named after the label, the first subject or the first prompt."""
+        from .patches import new_patch_id
+
+        first = self.requests[0]
+        return new_patch_id(self.label or first.subject or first.prompt)
 
 
 @dataclasses.dataclass

@@ -52,7 +52,8 @@ def measure(editor, probe: list[EditRequest], patches: list, samples: int
 
 
 def edit_preferences(editor, pairs: list[EditRequest], *, heldout: float, method: str,
-                     seed: int, samples: int, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+                     seed: int, samples: int, label: str | None = None,
+                     **overrides: Any) -> tuple[Any, dict[str, Any]]:
     """`Editor.edit_preferences` without the save: train one DPO patch on the training
     pairs and measure the held-out pairs (the training pairs when none are held out) before
     and after: (patch, report), the report also in the manifest under "preference"."""
@@ -67,7 +68,7 @@ def edit_preferences(editor, pairs: list[EditRequest], *, heldout: float, method
     probe = held or train_set
     acc0, margin0, gen0 = measure(editor, probe, [], samples)
     patch = editor.edit(train_set, method, save=False, evaluate=False,
-                        train_options={"pairs": True}, **overrides)
+                        train_options={"pairs": True, "label": label}, **overrides)
     acc1, margin1, gen1 = measure(editor, probe, [patch], samples)
     patch.manifest["preference"] = report = {
         "pref_acc_before": acc0, "pref_acc_after": acc1, "margin_before": margin0,

@@ -71,6 +71,7 @@ def test_edit_and_eval_json_contract(tiny_dir, tmp_path, judge_module):
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)
     assert (store / data["patch_id"] / "patch.json").is_file()
+    assert "be-brief" in data["patch_id"]  # named after the behaviour, not the chat template
     made = data["behaviour"]
     assert made["prompts"] == 6 and made["pairs"] + len(made["skipped"]) == 6
     assert set(made["pass_rate"]) == {"unedited", "edited"}

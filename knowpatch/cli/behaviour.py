@@ -64,7 +64,8 @@ def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[
     train = [prompts[i] for i in sorted(order[n_held:])]
     editor = open_editor(args)
     pairs, made = behaviour_pairs(editor, behaviour, train, judge)
-    patch, _ = editor.edit_preferences(pairs, heldout=0.0, save=False, config=values)
+    patch, _ = editor.edit_preferences(pairs, heldout=0.0, save=False, config=values,
+                                       label=behaviour)
     probe = held or train
     before = judge_answers(editor, probe, judge, patches=[])
     after = judge_answers(editor, probe, judge, patches=[patch])
