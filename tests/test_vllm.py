@@ -267,12 +267,14 @@ def test_kill_9_of_the_vllm_server_is_a_503_then_it_is_back_with_its_patches(vll
             long = pool.submit(client.completions.create, model="smollm2-135m", prompt=prompt,
                                max_tokens=400, temperature=0)
             time.sleep(1.0)
-            os.killpg(process.proc.pid, 9)
+            killed = process.proc.pid
+            os.killpg(killed, 9)
             with pytest.raises(openai.APIStatusError) as failed:
                 long.result(timeout=120)
         assert failed.value.status_code == 503 and "vLLM" in str(failed.value)
         deadline = time.time() + 600
-        while not (process.alive() and engine.adapters.loaded):
+        while not (process.proc.pid != killed and process.alive() and engine.adapters.loaded
+                   and engine.client.healthy()):  # a new server, its patches loaded again
             assert time.time() < deadline, process.tail()
             time.sleep(1)
         after = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=4,
