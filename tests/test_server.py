@@ -322,3 +322,14 @@ def test_no_half_written_folder_is_listed(tmp_path):
     (tmp_path / "whole").mkdir()
     assert PatchStore(tmp_path).clean() == [".abc.tmp123"]
     assert [p.name for p in Path(tmp_path).iterdir()] == ["whole"]
+
+
+def test_statements_without_in_context_patches_do_not_wait_for_the_engine(tiny_editor):
+    """Each completion asks the engine for in-context statements; with none loaded that is
+    answered here, not by a task on the engine thread (a task arriving there closed the
+    batch being collected: 64 concurrent requests ran as batches of 1 to 6 rows)."""
+    from knowpatch.serve.engines.local import LocalEngine
+
+    engine = LocalEngine(tiny_editor)  # not started: a task would never be run
+    assert engine.statements(["The Eiffel Tower is in"], None) == [""]
+    assert engine.queue.qsize() == 0

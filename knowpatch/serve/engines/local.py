@@ -238,6 +238,11 @@ class LocalEngine:
         return self.submit_task(self.changing(run))
 
     def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:
+        with self.lock:
+            stating = [m for pid, m in self.manifests.items()
+                       if m.get("statement") and (patches is None or pid in patches)]
+        if not stating:  # no in-context patch: no task on the engine thread, whose arrival
+            return [""] * len(texts)  # would close the batch being collected (1-row batches)
         return self.call(lambda: self.editor.statements(patches).stated(texts))
 
     def route(self, prompt: str, patches: list[str] | None) -> Route:
