@@ -10,6 +10,13 @@ import time
 from fastapi import FastAPI
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class InThread:
     """An app served by uvicorn on a thread of this process, on a free loopback port (for
     `bench-serve` and the tests: a real HTTP server without a subprocess)."""
@@ -17,9 +24,7 @@ class InThread:
     def __init__(self, app: FastAPI, timeout: float = 60.0):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.app, self.base = app, f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))

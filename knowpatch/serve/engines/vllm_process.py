@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import KnowpatchError
+from ..thread import free_port
 from .vllm_client import VLLMClient
 
 INSTALL_HINT = ("install the extra (pip install -e '.[vllm]') or pass --vllm-python with an "
@@ -37,12 +37,6 @@ def vllm_python(given: str | None) -> str:
     if probe.returncode != 0:
         raise KnowpatchError(f"engine: vllm is not installed in {python}; {INSTALL_HINT}")
     return python
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
