@@ -32,6 +32,9 @@ class StepOutput:
     loss: torch.Tensor
     learnt: bool
     info: dict[str, float] = field(default_factory=dict)
+    accumulated: bool = False
+    """The step ran its own backward passes (micro-batches, gradients summed): the loop
+    only clips and steps."""
 
 
 @dataclass
@@ -125,6 +128,7 @@ def run_loop(
     try:
         task = progress.add_task(settings.description, total=settings.max_steps) if progress else None
         while True:
+            optimizer.zero_grad(set_to_none=True)
             with phase("forward"), autocast(model, settings.autocast):
                 out = step(prepared)  # the step's forward, loss and its learnt check
             loss_value, learnt = _agree(accelerator, out.loss.detach(), out.learnt)
@@ -138,7 +142,7 @@ def run_loop(
                 log.warning("stopped at the time limit of %.0f s after %d steps",
                             settings.max_seconds, steps)
                 break
-            _update(accelerator, optimizer, params, out.loss, settings)
+            _update(accelerator, optimizer, params, out, settings)
             steps += 1
     finally:
         cast.close()
@@ -154,12 +158,12 @@ def run_loop(
                       losses=losses)
 
 
-def _update(accelerator: Accelerator, optimizer, params, loss: torch.Tensor,
+def _update(accelerator: Accelerator, optimizer, params, out: StepOutput,
             settings: LoopSettings) -> None:
-    """One optimizer update from `loss` (clipped), then the method's `after_step`."""
-    with phase("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+    """One optimizer update from the step's loss (clipped), then the method's `after_step`."""
+    if not out.accumulated:
+        with phase("backward"):
+            accelerator.backward(out.loss)
     with phase("optimizer"):
         if settings.grad_clip:
             accelerator.clip_grad_norm_(params, settings.grad_clip)

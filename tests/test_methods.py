@@ -282,3 +282,33 @@ def test_bf16_weight_copies_are_kept_between_runs_until_the_weight_changes(tiny_
     finally:
         with torch.no_grad():
             weight.sub_(1.0)
+
+
+def test_dpo_micro_batches_train_as_one_batch(tiny_editor):
+    """Pairs split into micro-batches (gradients summed over them) train the same adapter as
+    all pairs in one batch: the loss is the same sum, only the memory a step holds differs."""
+    pairs = [EditRequest(f"Question {i}: what is {w}?", f" {w} is fine.",
+                         rejected=f" No {w} here at all, sorry.")
+             for i, w in enumerate(["tea", "rain", "a boat", "the sea", "my cat"])]
+    common = dict(heldout=0.0, save=False, max_steps=3, lr=1e-2, pref_margin=1e9, samples=0)
+    one, _ = tiny_editor.edit_preferences(pairs, micro_batch_tokens=100_000, **common)
+    many, _ = tiny_editor.edit_preferences(pairs, micro_batch_tokens=1, **common)
+    assert one.steps == many.steps == 3
+    assert one.weights.keys() == many.weights.keys()
+    for name, w in one.weights.items():
+        torch.testing.assert_close(many.weights[name], w, atol=1e-5, rtol=1e-4)
+    assert max(float(w.abs().max()) for n, w in one.weights.items() if "lora_B" in n) > 1e-4
+
+
+def test_dpo_micro_batches_keep_each_pair_whole():
+    from knowpatch.methods.common import Example
+    from knowpatch.methods.preference_batches import micro_batches
+
+    pairs = [(Example([1, 2], [3] * k), Example([1, 2], [4] * (k + 1)) if k % 2 else None)
+             for k in range(1, 7)]
+    chunks = micro_batches(pairs, 0, torch.device("cpu"), budget=20)
+    assert sum(c.n for c in chunks) == 6 and len(chunks) > 1
+    for c in chunks:
+        assert len(c.batch["input_ids"]) == c.n + len(c.rej_rows)  # chosen rows, then their rejected
+        width = c.batch["input_ids"].shape[1]
+        assert c.n == 1 or len(c.batch["input_ids"]) * width <= 20

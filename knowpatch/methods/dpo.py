@@ -22,6 +22,7 @@ trainer's dataset/collator/reference-model machinery costs more than the edit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -33,15 +34,8 @@ from ..evaluate import logits_at
 from ..requests import EditRequest, encode_completion
 from ..training import LoopResult, LoopSettings, StepOutput, phase, run_loop
 from . import full_sft
-from .common import (
-    Example,
-    collate,
-    lora_config,
-    predicted,
-    read_positions,
-    token_loss,
-    training_prefixes,
-)
+from .common import Example, lora_config, predicted, read_positions, token_loss, training_prefixes
+from .preference_batches import Chunk, Totals, combined, micro_batches
 
 NAME = "dpo"
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -92,6 +86,9 @@ class Config:
     gate: str = "handoff"
     """train=lora, routed: where in a query the adapter acts: handoff, answer or all (see
     LoRA SFT)."""
+    micro_batch_tokens: int = 2048
+    """A step's pairs run in micro-batches of at most this many (padded) tokens each, their
+    gradients summed: the memory a step holds grows with this, not with the pair count."""
     seed: int = 0
     max_seconds: float | None = None
 
@@ -106,7 +103,7 @@ class Config:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be ≥ 0, got {self.alpha}")
-        for name in ("rank", "max_steps"):
+        for name in ("rank", "max_steps", "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -186,6 +183,28 @@ def rejected_answers(model, tokenizer, requests: list[EditRequest]) -> list[str]
     return out
 
 
+def chunk_step(model, chunk: Chunk, config: Config, total: Totals, pairs: bool) -> StepOutput:
+    """One micro-batch's share of the step's loss (its pairs' and chosen tokens' fraction of
+    the whole), and whether its pairs are learnt."""
+    logits = logits_at(model, chunk.batch, chunk.where)
+    logp = row_logprobs(logits, chunk.targets, chunk.rows, chunk.n_rows)
+    sft, learnt, gap = token_loss(logits[chunk.chosen], chunk.targets[chunk.chosen],
+                                  config.margin)
+    info = {"gap": gap}
+    loss = config.alpha * sft * (int(chunk.chosen.sum()) / max(total.tokens, 1))
+    if len(chunk.rej_rows):
+        n, ref, rej = chunk.n, chunk.ref, chunk.rej_rows
+        pref = preference_loss(logp[rej], logp[n:], ref[rej], ref[n:], loss=config.loss,
+                               beta=config.beta)
+        loss = loss + pref.sum() / total.pairs
+        with torch.no_grad():
+            h = (logp[rej] - ref[rej]) - (logp[n:] - ref[n:])
+            info["h_min"] = float(h.min())
+        if pairs:
+            learnt = bool((config.beta * h >= config.pref_margin).all())
+    return StepOutput(loss=loss, learnt=learnt, info=info)
+
+
 def train(model, tokenizer, requests: list[EditRequest], config: Config, *,
           base: Callable[[], AbstractContextManager], progress: bool = True, pairs: bool = False,
           params: list[torch.nn.Parameter] | None = None) -> LoopResult:
@@ -207,47 +226,40 @@ def _train(model, tokenizer, requests, config: Config, base, progress, pairs,
     rank, world = accelerator.process_index, accelerator.num_processes
     if len(requests) < world:
         raise ValueError(f"{world} processes need at least {world} requests or pairs")
-    pad = tokenizer.pad_token_id
     with torch.no_grad(), base() as base_model, phase("prepare"):
         rejected = rejected_answers(base_model, tokenizer, requests)
         prefixes = () if pairs else training_prefixes(base_model, tokenizer, config)
     record = rejected
     # data parallel: each process trains its share (gradients are averaged across processes)
     requests, rejected = requests[rank::world], rejected[rank::world]
-    chosen_ex, rejected_ex = [], []
+    examples = []
     for req, rej in zip(requests, rejected):
         for prefix in ("",) + prefixes:
-            chosen_ex.append(Example(*encode_completion(tokenizer, prefix + req.prompt,
-                                                        req.target_new)))
-            rejected_ex.append(Example(*encode_completion(tokenizer, prefix + req.prompt, rej))
-                               if rej else None)
-    has_rej = [r is not None for r in rejected_ex]
-    batch = collate(chosen_ex + [r for r in rejected_ex if r is not None], pad, device)
-    n = len(chosen_ex)
-    rej_rows = torch.tensor([i for i, h in enumerate(has_rej) if h], dtype=torch.long,
-                            device=device)
-    where = predicted(batch["labels"])  # every read position is a labelled one
-    (rows, targets), n_rows = read_positions(where, batch["labels"]), len(where)
-    chosen = rows < n
+            examples.append((
+                Example(*encode_completion(tokenizer, prefix + req.prompt, req.target_new)),
+                Example(*encode_completion(tokenizer, prefix + req.prompt, rej)) if rej else None))
+    chunks = micro_batches(examples, tokenizer.pad_token_id, device, config.micro_batch_tokens)
     with torch.no_grad(), base() as base_model, phase("prepare"):
-        ref = row_logprobs(logits_at(base_model, batch, where), targets, rows, n_rows)
+        for chunk in chunks:
+            chunk.ref = row_logprobs(logits_at(base_model, chunk.batch, chunk.where),
+                                     chunk.targets, chunk.rows, chunk.n_rows)
+    total = Totals(pairs=sum(len(c.rej_rows) for c in chunks),
+                   tokens=sum(int(c.chosen.sum()) for c in chunks))
 
     def step(model) -> StepOutput:
-        logits = logits_at(model, batch, where)
-        logp = row_logprobs(logits, targets, rows, n_rows)
-        sft, learnt, gap = token_loss(logits[chosen], targets[chosen], config.margin)
-        info = {"gap": gap}
-        loss = config.alpha * sft
-        if len(rej_rows):
-            pref = preference_loss(logp[rej_rows], logp[n:], ref[rej_rows], ref[n:],
-                                   loss=config.loss, beta=config.beta)
-            loss = loss + pref.mean()
-            with torch.no_grad():
-                h = (logp[rej_rows] - ref[rej_rows]) - (logp[n:] - ref[n:])
-                info["h_min"] = float(h.min())
-            if pairs:
-                learnt = bool((config.beta * h >= config.pref_margin).all())
-        return StepOutput(loss=loss, learnt=learnt, info=info)
+        if len(chunks) == 1:  # one forward, its graph kept for the loop's backward
+            return chunk_step(model, chunks[0], config, total, pairs)
+        # several: each chunk's backward runs here, so only one chunk's graph is alive at a
+        # time (a behaviour edit's pairs in one batch held 23 GB on SmolLM2); gradients are
+        # summed, synchronised across processes once, on the last chunk
+        outs = []
+        for i, chunk in enumerate(chunks):
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
+            with sync:
+                out = chunk_step(model, chunk, config, total, pairs)
+                accelerator.backward(out.loss)
+            outs.append(out)
+        return combined(outs)
 
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
