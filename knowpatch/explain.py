@@ -15,12 +15,14 @@ from typing import Any
 from .decoding import prompt_ids
 from .patches import Patch
 from .router import Router, canonical_tokens, word_edges
+from .scope import chat_turn
 
 
 def explain_routes(base, tokenizer, manifests: list[dict[str, Any]], prompts: list[str],
                    top: int = 3) -> dict[str, Any]:
     """Route `prompts` among the patches of `manifests` on the base model `base`."""
-    router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer))
+    router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer),
+                    turn=chat_turn(tokenizer))
     unkeyed, labels = [], {}
     for manifest in manifests:
         patch = Patch.load(manifest["path"])

@@ -31,6 +31,7 @@ from .incontext import Statements
 from .paging import Pager
 from .patches import Patch
 from .router import Route, Router, canonical_tokens, word_edges
+from .scope import chat_turn
 
 
 class LoadedPatches:
@@ -41,7 +42,8 @@ class LoadedPatches:
         self.model, self.tokenizer = model, tokenizer
         self.fingerprint, self.model_name = fingerprint, model_name
         self.routing = True  # route keyed patches per query (False: all act on every query)
-        self.router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer))
+        self.router = Router(canonical=canonical_tokens(tokenizer), edges=word_edges(tokenizer),
+                             turn=chat_turn(tokenizer))
         self.adapters = AdapterBank(model)
         self.deltas = DeltaBank(model)
         self.placement = Placement(tokenizer)  # where each keyed patch's adapter acts

@@ -180,7 +180,8 @@ class Patch:
             keys = load_file(str(folder / ROUTER_KEYS)) if (folder / ROUTER_KEYS).is_file() else None
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt patch
             raise KnowpatchError(f"patch: {folder} has a corrupt adapter ({exc})") from None
-        if keys is not None and (not {"keys", "variant"} <= set(keys) <= {"keys", "variant", "tokens"}
+        known = {"keys", "variant", "tokens", "scope"}
+        if keys is not None and (not {"keys", "variant"} <= set(keys) <= known
                                  or "router" not in manifest):
             raise KnowpatchError(f"patch: {folder} has corrupt router keys")
         return cls(id=manifest["id"], manifest=manifest, adapter_config=config,

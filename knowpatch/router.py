@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import decoder_layers
+from .scope import Turn, is_scope, score_entries
 
 ROW_CHUNK = 64
 """Query rows scored in one product (bounds its memory: rows × positions × keys)."""
@@ -196,6 +197,9 @@ class Entry:
     token ids, from patches made before the index: always a candidate)."""
     filed: frozenset[int] = frozenset()
     """The tokens the index files this patch under (one per variant)."""
+    scope: bool = False
+    """A scoped patch (`scope`): keys are pooled example prompts, scored by nearest
+    neighbours; always a candidate, scored apart from the subject keys."""
 
 
 @dataclass
@@ -220,7 +224,8 @@ class Router:
     """Keys of many patches; routes token-id rows to the patches they concern."""
 
     def __init__(self, index: bool = True, canonical: dict[int, int] | None = None,
-                 edges: tuple[frozenset[int], frozenset[int]] | None = None) -> None:
+                 edges: tuple[frozenset[int], frozenset[int]] | None = None,
+                 turn: Turn | None = None) -> None:
         self.entries: dict[str, Entry] = {}
         self._counter = 0
         self._cache: dict[int, tuple] = {}
@@ -236,6 +241,8 @@ class Router:
         self.opens, self.ends = edges or (frozenset(), frozenset())
         """See `word_edges`: a subject spelled inside a longer word ("Re" of "Reuchlin",
         "5" of "952") is no match for the index."""
+        self.turn = turn
+        """Where a chat prompt's user message lies (`scope.chat_turn`), for scoped patches."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -248,7 +255,7 @@ class Router:
         self._counter += 1
         self.remove(patch_id)
         spellings = None
-        if "tokens" in keys:
+        if "tokens" in keys and not is_scope(keys):
             variant, tokens = keys["variant"].tolist(), keys["tokens"].tolist()
             same = self.canonical.get
             spellings = tuple(tuple(same(t, t) for t, v in zip(tokens, variant) if v == k)
@@ -256,7 +263,7 @@ class Router:
         filed = frozenset(self._filing_tokens(spellings or ()))
         self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
                                        int(layer), float(threshold), frozenset(facts),
-                                       self._counter, spellings, filed)
+                                       self._counter, spellings, filed, is_scope(keys))
         for token in filed:
             self._postings.setdefault(token, set()).add(patch_id)
         if spellings is None:
@@ -324,8 +331,8 @@ class Router:
         """Concatenated keys of the candidates routed at `layer` (cached until keys change)."""
         key = hash((layer, candidates))
         if key not in self._cache:
-            entries = [self.entries[c] for c in candidates
-                       if c in self.entries and self.entries[c].layer == layer]
+            entries = [self.entries[c] for c in candidates if c in self.entries
+                       and self.entries[c].layer == layer and not self.entries[c].scope]
             if not entries:
                 self._cache[key] = None
             else:
@@ -429,6 +436,9 @@ class Router:
             for r, h in enumerate(hidden_rows(model, rows, layer, bos)):
                 hidden[r][layer] = h
         scored = self.score_rows(hidden, candidates)
+        scoped = [self.entries[p] for p in candidates or self.entries if self.entries[p].scope]
+        if scoped:
+            score_entries(scoped, hidden, rows, self.turn, scored)
         if allowed is not None:  # a patch scored for the batch fires only where it may
             scored = [(scores, [p for p in fired if p in ok]) for (scores, fired), ok in zip(scored, allowed)]
         routes = [self.decide(scores, fired) for scores, fired in scored]
@@ -443,7 +453,7 @@ class Router:
         for its best key variant, the best-matching position of each key token."""
         e = self.entries[patch_id]
         h = torch.nn.functional.normalize(hidden[e.layer].float(), dim=-1)
-        if h.shape[0] == 0:
+        if h.shape[0] == 0 or e.scope:  # a scope names no subject
             return []
         sims = e.keys @ h.T  # (key tokens, query positions)
         best = sims.max(1)

@@ -105,10 +105,37 @@ def test_bad_behaviour_input_is_one_line_exit_2_and_nothing_written(tiny_dir, tm
          "judge: no_such_mod:fn cannot be imported"),
         (["--behaviour", "Be brief.", "--prompts", good, "--judge", f"{judge_module}:broken"],
          "judge: tiny_judges:broken raised ValueError"),
-        (["--prompts", good, "-p", "x", "-t", "y"], "--prompts and --judge go with --behaviour"),
+        (["--prompts", good, "-p", "x", "-t", "y"], "--judge, --scope and --out-of-scope go with"),
+        (["-p", "x", "-t", "y", "--scope", good], "--scope and --out-of-scope go with --behaviour"),
+        (["--behaviour", "Be brief.", "--prompts", good, "--judge", "max-words:3", "--scope",
+          empty], "scope: no prompts"),
+        (["--behaviour", "Be brief.", "--prompts", good, "--judge", "max-words:3", "--scope",
+          good], "scope: at least 4 in-scope prompts"),
+        (["--behaviour", "Be brief.", "--prompts", good, "--judge", "max-words:3", "--scope",
+          good, "--out-of-scope", tmp_path / "none.txt"], "out_of_scope: cannot read"),
     ]
     for args, message in cases:
         res = run("edit", "--model", tiny_dir, "--store", store, *args)
         assert res.exit_code == 2, (args, res.stdout, res.stderr)
         assert message in res.stderr, (message, res.stderr)
         assert not store.exists() or not any(store.iterdir()), args
+
+
+def test_a_scoped_behaviour_edit_reports_where_it_fires(tiny_dir, tmp_path, judge_module):
+    store = tmp_path / "store"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Which language is spoken in town {i}?" for i in range(8)))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("\n".join(f"Who owns company number {i}?" for i in range(6)))
+    res = run("edit", "--model", tiny_dir, "--store", store, "--behaviour", "Be brief.",
+              "--prompts", prompts, "--judge", f"{judge_module}:even", "--heldout", "0.25",
+              "--scope", prompts, "--out-of-scope", outside, "--json", *FAST)
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)["behaviour"]
+    scope = report["scope"]
+    assert scope["examples"] == 6  # the 2 held-out prompts are never keys
+    assert scope["out_of_scope_examples"] == 3 and report["out_of_scope"]["prompts"] == 3
+    assert scope["heldout_fires"] == 100.0 and report["out_of_scope"]["fires"] == 0.0
+    assert report["out_of_scope"]["unchanged"] == 100.0  # it never fired there
+    manifest = json.loads((store / json.loads(res.stdout)["patch_id"] / "patch.json").read_text())
+    assert manifest["router"]["scope"]["threshold"] == scope["threshold"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..behaviour import behaviour_pairs, check_prompts, judge_answers, unchanged
+from ..behaviour import check_prompts, judge_answers, unchanged
+from ..behaviour_edit import BehaviourJob, run_behaviour
 from ..errors import KnowpatchError
 from ..judges import parse_judges
 from ..methods import check_settings
@@ -32,6 +34,27 @@ JudgeOpt = typer.Option(None, "--judge", help="What the behaviour looks like (re
                         "refusal, module:function.")
 
 
+PreferencesOpt = typer.Option(None, "--preferences", help="A JSONL file of "
+                              '{"prompt", "chosen", "rejected"} lines: one DPO patch shifting '
+                              "behaviour (e.g. examples/preferences-formal.jsonl).")
+HeldoutOpt = typer.Option(0.2, "--heldout", help="With --preferences (--behaviour): share of "
+                          "the pairs (prompts) kept out of training to measure the patch "
+                          "before/after.")
+ScopeOpt = typer.Option(None, "--scope", help="With --behaviour: a text file of in-scope "
+                        "example prompts (distinct questions, one per line; may be --prompts "
+                        "itself): the patch fires only on queries like them (held-out prompts "
+                        "are never keys).")
+OutOfScopeOpt = typer.Option(None, "--out-of-scope", help="With --behaviour: prompts the patch "
+                             "must leave alone, one per line: half calibrate --scope's "
+                             "threshold, half are measured (answers unchanged, fire rate).")
+
+
+@dataclass
+class BehaviourScope:
+    prompts: Path | None = None
+    outside: Path | None = None
+
+
 def read_prompts(path: Path | None, field: str = "prompts") -> list[str]:
     """The prompts of a text file, one per line (blank lines skipped)."""
     if path is None:
@@ -44,45 +67,41 @@ def read_prompts(path: Path | None, field: str = "prompts") -> list[str]:
 
 
 def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[str] | None,
-                   heldout: float, config: Path | None, args: ModelArgs, as_json: bool,
-                   overrides: list[str] | None) -> None:
-    """Pairs from the behaviour, a DPO patch trained on them, the held-out prompts judged
-    before and after; nothing is written if any input is bad."""
+                   heldout: float, scope: BehaviourScope, config: Path | None, args: ModelArgs,
+                   as_json: bool, overrides: list[str] | None) -> None:
+    """Pairs from the behaviour, a DPO patch trained on them (scoped if asked), the held-out
+    prompts judged before and after; nothing is written if any input is bad."""
     judge = parse_judges(judge_specs or [])
     prompts = read_prompts(prompts_file)
     if not 0 <= heldout < 1:
         raise KnowpatchError(f"heldout: must be in [0, 1) (got {heldout})")
     if not behaviour.strip():
         raise KnowpatchError("behaviour: empty (describe the behaviour in words)")
+    in_scope = read_prompts(scope.prompts, "scope") if scope.prompts is not None else None
+    outside = read_prompts(scope.outside, "out_of_scope") if scope.outside is not None else []
     _, values = method_config("dpo", config, overrides, check=False)
     values.setdefault("prefixes", 0)  # the chat prompt is the context; no random prefixes
+    values.setdefault("gate", "all")  # a behaviour shows in the whole reply
     check_settings("dpo", values)
     order = list(range(len(prompts)))
     random.Random(0).shuffle(order)
     n_held = round(heldout * len(prompts))
-    held = [prompts[i] for i in sorted(order[:n_held])]
-    train = [prompts[i] for i in sorted(order[n_held:])]
+    job = BehaviourJob(behaviour, judge, [prompts[i] for i in sorted(order[n_held:])],
+                       [prompts[i] for i in sorted(order[:n_held])], outside, in_scope)
     editor = open_editor(args)
-    pairs, made = behaviour_pairs(editor, behaviour, train, judge)
-    patch, _ = editor.edit_preferences(pairs, heldout=0.0, save=False, config=values,
-                                       label=behaviour)
-    probe = held or train
-    before = judge_answers(editor, probe, judge, patches=[])
-    after = judge_answers(editor, probe, judge, patches=[patch])
-    report = {**made, "measured_on": "heldout" if held else "training prompts (heldout=0)",
-              "pass_rate": {"unedited": before["pass_rate"], "edited": after["pass_rate"]},
-              "fluency": {"unedited": before["fluency"], "edited": after["fluency"]},
-              "truncated": {"unedited": before["truncated"], "edited": after["truncated"]},
-              "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in
-                          zip(probe[:5], before["answers"], after["answers"])]}
-    patch.manifest["behaviour"] = report
+    patch, report = run_behaviour(editor, job, values)
     editor.save(patch)
     if as_json:
         print(json.dumps({"patch_id": patch.id, "patch": str(patch.path), "behaviour": report}))
         return
     _show(report, f"behaviour edit: {behaviour.strip()!r}, judged by {judge.spec}")
-    out.print(f"{patch.steps} steps, {patch.seconds:.1f} s, {len(pairs)} pairs "
-              f"({len(made['skipped'])} prompts without one); patch saved to {patch.path}")
+    out.print(f"{patch.steps} steps, {patch.seconds:.1f} s, {report['pairs']} pairs "
+              f"({len(report['skipped'])} prompts without one); patch saved to {patch.path}")
+    if "scope" in report:
+        s = report["scope"]
+        out.print(f"scope: fires on {s['heldout_fires']} % of held-out prompts"
+                  + (f", {report['out_of_scope']['fires']} % of out-of-scope ones"
+                     if "out_of_scope" in report else "") + f" (threshold {s['threshold']})")
 
 
 def eval_behaviour(patch_refs: list[Path], prompts_file: Path | None, judge_specs: list[str] | None,

@@ -16,9 +16,14 @@ from ..methods import AUTO, AUTO_PARALLEL, METHODS, check_settings
 from ..requests import EditRequest, LocalityProbe
 from .behaviour import (
     BehaviourOpt,
+    BehaviourScope,
     EvalPromptsOpt,
+    HeldoutOpt,
     JudgeOpt,
+    OutOfScopeOpt,
+    PreferencesOpt,
     PromptsOpt,
+    ScopeOpt,
     edit_behaviour,
     eval_behaviour,
 )
@@ -53,15 +58,11 @@ def edit(
     requests: Path | None = typer.Option(None, "--requests", help="A JSONL file of requests "
                                          "(docs/data-formats.md), all trained into one patch; "
                                          "with --method auto, a routed patch per fact."),
-    preferences: Path | None = typer.Option(None, "--preferences", help="A JSONL file of "
-                                            '{"prompt", "chosen", "rejected"} lines: one DPO '
-                                            "patch shifting behaviour (e.g. "
-                                            "examples/preferences-formal.jsonl)."),
+    preferences: Path | None = PreferencesOpt,
     behaviour: str | None = BehaviourOpt, prompts: Path | None = PromptsOpt,
-    judge: list[str] | None = JudgeOpt,
-    heldout: float = typer.Option(0.2, help="With --preferences (--behaviour): share of the "
-                                  "pairs (prompts) kept out of training to measure the patch "
-                                  "before/after."),
+    judge: list[str] | None = JudgeOpt, scope: Path | None = ScopeOpt,
+    out_of_scope: Path | None = OutOfScopeOpt,
+    heldout: float = HeldoutOpt,
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
                                "auto (facts: a routed LoRA SFT patch per fact, trained "
                                f"{AUTO_PARALLEL} side by side; preference pairs: DPO; it says "
@@ -95,10 +96,11 @@ def edit(
     """
     setup_logging(verbose)
     args = ModelArgs(model, device, dtype, store)
-    kind = _kind(behaviour, preferences, bool(prompt or target or requests), prompts, judge)
+    kind = _kind(behaviour, preferences, bool(prompt or target or requests),
+                 prompts, judge, scope or out_of_scope)
     if kind == "behaviour":
-        run_body(edit_behaviour, behaviour, prompts, judge, heldout, config, args, as_json,
-                 overrides)
+        run_body(edit_behaviour, behaviour, prompts, judge, heldout,
+                 BehaviourScope(scope, out_of_scope), config, args, as_json, overrides)
     elif kind == "preferences":
         run_body(_edit_preferences, preferences, heldout, method, config, args, as_json, overrides)
     else:
@@ -106,14 +108,14 @@ def edit(
                  neighbor, question, config, args, as_json, overrides)
 
 
-def _kind(behaviour, preferences, facts: bool, prompts, judge) -> str:
+def _kind(behaviour, preferences, facts: bool, prompts, judge, scoped=None) -> str:
     """Which edit the options ask for (behaviour, preferences or facts); mixed ones fail."""
     if behaviour is not None:
         if facts or preferences:
             fail("--behaviour excludes --prompt/--target, --requests and --preferences")
         return "behaviour"
-    if prompts is not None or judge:
-        fail("--prompts and --judge go with --behaviour")
+    if prompts is not None or judge or scoped:
+        fail("--prompts, --judge, --scope and --out-of-scope go with --behaviour")
     if preferences is not None:
         if facts:
             fail("--preferences excludes --prompt/--target and --requests")
