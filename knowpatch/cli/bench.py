@@ -11,6 +11,8 @@ import typer
 from rich.table import Table
 
 from ..bench import BaselineCache, Bench, BenchSettings, markdown
+from ..bench.behaviours import load_spec, run_behaviour_bench
+from ..bench.behaviours import markdown as behaviours_markdown
 from ..bench.calibrate import calibrate as calibrate_router
 from ..bench.router import run_router_bench
 from ..errors import KnowpatchError
@@ -71,6 +73,10 @@ def bench(
                                         "model afresh instead of reusing the scores an earlier "
                                         "run stored for the same cases, model, seed and code "
                                         "(in $KNOWPATCH_HOME/baselines)."),
+    behaviours: Path | None = typer.Option(None, "--behaviours", help="Behaviour edits instead "
+                                           "of facts: a YAML file of behaviours (e.g. "
+                                           "benchmarks/behaviours.yaml), prompts built from "
+                                           "--data (a CounterFact file); DPO settings apply."),
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -79,8 +85,13 @@ def bench(
     overrides: list[str] | None = typer.Argument(None, help="Method settings as key=value."),
 ) -> None:
     """Run an editing method over a benchmark file and write a report (BENCHMARK.md's scores,
-    the unedited baseline first, seconds and steps per edit, peak memory)."""
+    the unedited baseline first, seconds and steps per edit, peak memory); with --behaviours,
+    behaviour edits judged on what the model writes (docs/behaviour.md)."""
     setup_logging(verbose)
+    if behaviours is not None:
+        run_body(_bench_behaviours, behaviours, data, out, config, overrides,
+                 ModelArgs(model, device, dtype))
+        return
     run_body(lambda: _bench(
         BenchSettings(data=str(data), method=method, mode=mode, n=n, format=fmt,
                       batch_size=batch_size, strategy=strategy, chat_template=chat_template,
@@ -102,6 +113,20 @@ def _bench(settings: BenchSettings, config: Path | None, overrides: list[str] | 
     cache = None if fresh_baseline else BaselineCache(editor, settings.seed)
     report = Bench(editor, settings, out_dir, keep_patches=keep_patches, baselines=cache).run()
     out.print(markdown([(out_dir.name, report)]), highlight=False)
+    out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+
+
+def _bench_behaviours(spec: Path, data: Path, out_dir: Path, config: Path | None,
+                      overrides: list[str] | None, args: ModelArgs) -> None:
+    load_spec(spec)  # a bad file fails before the model loads
+    if not data.is_file():
+        fail(f"data: no such file {str(data)!r}")
+    _, values = method_config("dpo", config, overrides, check=False)
+    values.setdefault("prefixes", 0)  # the chat prompt is the context
+    values.setdefault("gate", "all")  # a behaviour shows in the whole reply
+    check_settings("dpo", values)
+    report = run_behaviour_bench(open_editor(args), spec, data, out_dir, values)
+    out.print(behaviours_markdown(report).split("\n## ")[0], highlight=False)
     out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
 
 
