@@ -34,6 +34,18 @@ from .common import (
     setup_logging,
 )
 
+ToldOpt = typer.Option(False, "--told", help="Also sample the unedited model's fluency texts "
+                       "with the new fact stated first ('<prompt> <new target>. ' before each "
+                       "generation prompt): rep_told, mention_told and fluency_told in the "
+                       "baseline, what the base model writes when it holds the new fact — the "
+                       "reference for the edited rep.")
+FreshBaselineOpt = typer.Option(False, "--fresh-baseline", help="Score the unedited model afresh "
+                                "instead of reusing the scores an earlier run stored for the "
+                                "same cases, model, seed and code (in $KNOWPATCH_HOME/baselines).")
+BehavioursOpt = typer.Option(None, "--behaviours", help="Behaviour edits instead of facts: a "
+                             "YAML file of behaviours (e.g. benchmarks/behaviours.yaml), prompts "
+                             "built from --data (a CounterFact file); DPO settings apply.")
+
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def bench(
@@ -64,19 +76,8 @@ def bench(
                                  "save and score each as if trained alone."),
     keep_patches: bool = typer.Option(False, "--keep-patches", help="Keep single/batch patches "
                                       "in OUT/patches."),
-    told: bool = typer.Option(False, "--told", help="Also sample the unedited model's fluency "
-                              "texts with the new fact stated first ('<prompt> <new target>. ' "
-                              "before each generation prompt): rep_told, mention_told and "
-                              "fluency_told in the baseline, what the base model writes when "
-                              "it holds the new fact — the reference for the edited rep."),
-    fresh_baseline: bool = typer.Option(False, "--fresh-baseline", help="Score the unedited "
-                                        "model afresh instead of reusing the scores an earlier "
-                                        "run stored for the same cases, model, seed and code "
-                                        "(in $KNOWPATCH_HOME/baselines)."),
-    behaviours: Path | None = typer.Option(None, "--behaviours", help="Behaviour edits instead "
-                                           "of facts: a YAML file of behaviours (e.g. "
-                                           "benchmarks/behaviours.yaml), prompts built from "
-                                           "--data (a CounterFact file); DPO settings apply."),
+    told: bool = ToldOpt, fresh_baseline: bool = FreshBaselineOpt,
+    behaviours: Path | None = BehavioursOpt,
     config: Path | None = typer.Option(None, help="YAML file of method settings."),
     model: str = ModelOpt, device: str = DeviceOpt, dtype: str | None = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
