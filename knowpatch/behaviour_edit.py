@@ -9,12 +9,14 @@ used by `knowpatch edit --behaviour` and `knowpatch bench --behaviours`.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .behaviour import behaviour_pairs, judge_answers, unchanged
-from .judges import Judges
+from .behaviour import behaviour_pairs, check_prompts, judge_answers, unchanged
+from .errors import KnowpatchError
+from .judges import Judges, parse_judges
 from .questions import chat_prompt
 from .scope_keys import check_scope, make_scope
 
@@ -34,6 +36,49 @@ class BehaviourJob:
     calibrate the scope's threshold."""
     scope: list[str] | None = None
     """In-scope example prompts the patch is keyed by (None: unscoped, acts on every query)."""
+
+
+def split_heldout(prompts: list[str], heldout: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts: a `heldout` share, drawn with `seed`, kept out."""
+    if not 0 <= heldout < 1:
+        raise KnowpatchError(f"heldout: must be in [0, 1) (got {heldout})")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n_held = round(heldout * len(prompts))
+    return ([prompts[i] for i in sorted(order[n_held:])],
+            [prompts[i] for i in sorted(order[:n_held])])
+
+
+def job_from_dict(data: dict[str, Any]) -> BehaviourJob:
+    """A behaviour edit as JSON (the server's `POST /v1/patches` with `behaviour`): behaviour,
+    prompts, judge (a spec or a list), heldout (0.2), scope and out_of_scope (lists of
+    prompts); a bad field is named, before anything is trained."""
+    known = {"behaviour", "prompts", "judge", "heldout", "scope", "out_of_scope"}
+    if set(data) - known:
+        raise KnowpatchError(f"{sorted(set(data) - known)[0]}: not a field of a behaviour edit "
+                             f"({', '.join(sorted(known))})")
+    behaviour = data.get("behaviour")
+    if not isinstance(behaviour, str) or not behaviour.strip():
+        raise KnowpatchError("behaviour: empty (describe the behaviour in words)")
+    judge = data.get("judge") or []
+    judge = parse_judges([judge] if isinstance(judge, str) else list(judge))
+    prompts = _prompts(data, "prompts")
+    heldout = data.get("heldout", 0.2)
+    if not isinstance(heldout, (int, float)) or isinstance(heldout, bool):
+        raise KnowpatchError(f"heldout: a number in [0, 1) (got {heldout!r})")
+    train, held = split_heldout(prompts, float(heldout))
+    scope = _prompts(data, "scope") if data.get("scope") is not None else None
+    if scope is not None:
+        check_scope([p for p in scope if p not in set(held)])
+    outside = _prompts(data, "out_of_scope") if data.get("out_of_scope") is not None else []
+    return BehaviourJob(behaviour, judge, train, held, outside, scope)
+
+
+def _prompts(data: dict[str, Any], name: str) -> list[str]:
+    value = data.get(name)
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise KnowpatchError(f"{name}: a list of prompts (strings) is needed")
+    return check_prompts(value, name)
 
 
 def run_behaviour(editor, job: BehaviourJob, values: dict[str, Any]) -> tuple[Any, dict]:

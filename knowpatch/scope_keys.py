@@ -64,25 +64,29 @@ def check_scope(in_scope: list[str]) -> list[str]:
 def make_scope(editor, patch, in_scope: list[str], out_of_scope: list[str] | None = None,
                layer: int = SCOPE_LAYER) -> dict:
     """Route `patch` by a scope: keys from `in_scope` prompts (user messages, read as chat
-    turns), the threshold calibrated with `out_of_scope` ones; the adapter then acts on the
+    turns and as plain text), the threshold calibrated with `out_of_scope` ones; the adapter then acts on the
     whole of a query it fires on (gate all). Returns the calibration (also in the manifest
     under router.scope)."""
     in_scope = check_scope(in_scope)
     tok = editor.tokenizer
     turn = chat_turn(tok)
     with editor.using([]) as base:
-        inside = _pooled(base, tok, in_scope, layer, turn)
-        outside = _pooled(base, tok, out_of_scope, layer, turn) if out_of_scope else None
+        inside = _pooled(base, tok, [chat_prompt(tok, p) for p in in_scope], layer, turn)
+        outside = (_pooled(base, tok, [chat_prompt(tok, p) for p in out_of_scope], layer, turn)
+                   if out_of_scope else None)
+        # the same prompts sent as plain text (a completion request): keys too, added after
+        # calibration (each would be its own twin's nearest neighbour)
+        plain = _pooled(base, tok, in_scope, layer, turn) if turn is not None else None
     calibration = calibrate(scores(inside, inside, leave_out_self=True),
                             None if outside is None else scores(outside, inside))
     calibration.update(examples=len(in_scope), out_of_scope_examples=len(out_of_scope or []))
-    patch.keys = scope_keys(inside)
+    patch.keys = scope_keys(inside if plain is None else torch.cat([inside, plain]))
     patch.manifest["router"] = {"layer": layer, "threshold": calibration["threshold"],
                                 "keys": len(in_scope), "facts": [], "scope": calibration}
     patch.manifest.setdefault("config", {})["gate"] = "all"
     return calibration
 
 
-def _pooled(model, tokenizer, prompts: list[str], layer: int, turn: Turn | None) -> torch.Tensor:
-    rows = [prompt_ids(tokenizer, chat_prompt(tokenizer, p)) for p in prompts]
+def _pooled(model, tokenizer, texts: list[str], layer: int, turn: Turn | None) -> torch.Tensor:
+    rows = [prompt_ids(tokenizer, t) for t in texts]
     return pooled_rows(model, rows, layer, tokenizer.bos_token_id, turn)

@@ -93,6 +93,8 @@ def test_bad_behaviour_input_is_one_line_exit_2_and_nothing_written(tiny_dir, tm
     empty.write_text("\n  \n")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
+    four = tmp_path / "four.txt"
+    four.write_text("One?\nTwo?\nThree?\nFour?\n")
     cases = [
         (["--behaviour", "Be brief.", "--prompts", good, "--judge", "shout"], "judge: unknown judge"),
         (["--behaviour", "Be brief.", "--prompts", good], "judge: at least one"),
@@ -112,7 +114,7 @@ def test_bad_behaviour_input_is_one_line_exit_2_and_nothing_written(tiny_dir, tm
         (["--behaviour", "Be brief.", "--prompts", good, "--judge", "max-words:3", "--scope",
           good], "scope: at least 4 in-scope prompts"),
         (["--behaviour", "Be brief.", "--prompts", good, "--judge", "max-words:3", "--scope",
-          good, "--out-of-scope", tmp_path / "none.txt"], "out_of_scope: cannot read"),
+          four, "--out-of-scope", tmp_path / "none.txt"], "out_of_scope: cannot read"),
     ]
     for args, message in cases:
         res = run("edit", "--model", tiny_dir, "--store", store, *args)

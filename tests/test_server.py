@@ -333,3 +333,36 @@ def test_statements_without_in_context_patches_do_not_wait_for_the_engine(tiny_e
     engine = LocalEngine(tiny_editor)  # not started: a task would never be run
     assert engine.statements(["The Eiffel Tower is in"], None) == [""]
     assert engine.queue.qsize() == 0
+
+
+def test_a_behaviour_edit_over_http_is_checked_then_trained_and_scoped(served, tmp_path, monkeypatch):
+    """POST /v1/patches with `behaviour`: bad fields are a 400 naming them (nothing made);
+    a good one is a job whose patch is served, fires on its scope and reports its numbers."""
+    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = served.base
+    languages = [f"Which language is spoken in town {i}?" for i in range(8)]
+    good = {"behaviour": "Be brief.", "prompts": languages, "judge": "tiny_judges:even",
+            "heldout": 0.25, "scope": languages,
+            "out_of_scope": [f"Who owns company number {i}?" for i in range(6)],
+            "settings": {"max_steps": 2, "lr": 3e-2, "modules": ["all"]}}
+    for change, param in [({"judge": "shout"}, "judge"), ({"judge": []}, "judge"),
+                          ({"prompts": []}, "prompts"), ({"prompts": "one"}, "prompts"),
+                          ({"behaviour": " "}, "behaviour"), ({"scope": languages[:2]}, "scope"),
+                          ({"heldout": 1.5}, "heldout"), ({"colour": 1}, "colour"),
+                          ({"settings": {"beta": -1}}, "dpo: beta")]:
+        r = http.post(base + "/v1/patches", json={**good, **change})
+        assert r.status_code == 400, (change, r.text)
+        assert r.json()["error"]["message"].startswith(param), (change, r.text)
+    assert http.get(base + "/v1/patches").json()["data"] == []
+    job = edit(base, good)
+    assert job["report"]["scope"]["examples"] == 6 and "pass_rate" in job["report"]
+    listed = [p["id"] for p in http.get(base + "/v1/patches").json()["data"]]
+    assert job["patch"] in listed
+    from knowpatch.questions import chat_prompt
+
+    for form in (lambda q: chat_prompt(served.editor.tokenizer, q), lambda q: q):  # chat, plain
+        asked = [form(q) for q in ("Which language is spoken in town 9?", "Who owns company number 9?")]
+        inside, outside = (http.post(base + "/v1/route", json={"prompt": p}) for p in asked)
+        assert job["patch"] in inside.json()["fired"], inside.text
+        assert job["patch"] not in outside.json()["fired"], outside.text

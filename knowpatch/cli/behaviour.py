@@ -4,7 +4,6 @@ made into a DPO patch, and a patch judged on what the model writes (`knowpatch.b
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..behaviour import check_prompts, judge_answers, unchanged
-from ..behaviour_edit import BehaviourJob, run_behaviour
+from ..behaviour_edit import BehaviourJob, run_behaviour, split_heldout
 from ..errors import KnowpatchError
 from ..judges import parse_judges
 from ..methods import check_settings
+from ..scope_keys import check_scope
 from .common import ModelArgs, method_config, open_editor, open_store, out
 
 BehaviourOpt = typer.Option(
@@ -72,22 +72,15 @@ def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[
     """Pairs from the behaviour, a DPO patch trained on them (scoped if asked), the held-out
     prompts judged before and after; nothing is written if any input is bad."""
     judge = parse_judges(judge_specs or [])
-    prompts = read_prompts(prompts_file)
-    if not 0 <= heldout < 1:
-        raise KnowpatchError(f"heldout: must be in [0, 1) (got {heldout})")
+    train, held = split_heldout(read_prompts(prompts_file), heldout)
     if not behaviour.strip():
         raise KnowpatchError("behaviour: empty (describe the behaviour in words)")
     in_scope = read_prompts(scope.prompts, "scope") if scope.prompts is not None else None
+    if in_scope is not None:
+        check_scope([p for p in in_scope if p not in set(held)])
     outside = read_prompts(scope.outside, "out_of_scope") if scope.outside is not None else []
-    _, values = method_config("dpo", config, overrides, check=False)
-    values.setdefault("prefixes", 0)  # the chat prompt is the context; no random prefixes
-    values.setdefault("gate", "all")  # a behaviour shows in the whole reply
-    check_settings("dpo", values)
-    order = list(range(len(prompts)))
-    random.Random(0).shuffle(order)
-    n_held = round(heldout * len(prompts))
-    job = BehaviourJob(behaviour, judge, [prompts[i] for i in sorted(order[n_held:])],
-                       [prompts[i] for i in sorted(order[:n_held])], outside, in_scope)
+    values = behaviour_settings(config, overrides)
+    job = BehaviourJob(behaviour, judge, train, held, outside, in_scope)
     editor = open_editor(args)
     patch, report = run_behaviour(editor, job, values)
     editor.save(patch)
@@ -102,6 +95,16 @@ def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[
         out.print(f"scope: fires on {s['heldout_fires']} % of held-out prompts"
                   + (f", {report['out_of_scope']['fires']} % of out-of-scope ones"
                      if "out_of_scope" in report else "") + f" (threshold {s['threshold']})")
+
+
+def behaviour_settings(config: Path | None, overrides: list[str] | None) -> dict:
+    """DPO settings for a behaviour edit: no random prefixes (the chat prompt is the
+    context), the adapter on through the whole reply (gate all); checked."""
+    _, values = method_config("dpo", config, overrides, check=False)
+    values.setdefault("prefixes", 0)
+    values.setdefault("gate", "all")
+    check_settings("dpo", values)
+    return values
 
 
 def eval_behaviour(patch_refs: list[Path], prompts_file: Path | None, judge_specs: list[str] | None,

@@ -17,6 +17,7 @@ from ..bench.calibrate import calibrate as calibrate_router
 from ..bench.router import run_router_bench
 from ..errors import KnowpatchError
 from ..methods import METHODS, check_settings
+from .behaviour import behaviour_settings
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -122,10 +123,7 @@ def _bench_behaviours(spec: Path, data: Path, out_dir: Path, config: Path | None
     load_spec(spec)  # a bad file fails before the model loads
     if not data.is_file():
         fail(f"data: no such file {str(data)!r}")
-    _, values = method_config("dpo", config, overrides, check=False)
-    values.setdefault("prefixes", 0)  # the chat prompt is the context
-    values.setdefault("gate", "all")  # a behaviour shows in the whole reply
-    check_settings("dpo", values)
+    values = behaviour_settings(config, overrides)
     report = run_behaviour_bench(open_editor(args), spec, data, out_dir, values)
     out.print(behaviours_markdown(report).split("\n## ")[0], highlight=False)
     out.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..behaviour_edit import BehaviourJob
 from ..requests import EditRequest
 from ..router import Route
 
@@ -84,6 +85,11 @@ class Engine(Protocol):
              started: Callable[[], None] | None = None) -> Future:
         """Train, save and load a patch for `request` after the queued work: a future of
         the `Patch` (`started` is called when training begins)."""
+
+    def edit_behaviour(self, job: BehaviourJob, settings: dict[str, Any],
+                       started: Callable[[], None] | None = None) -> Future:
+        """`edit` for a behaviour (`behaviour_edit.run_behaviour`): a future of the saved and
+        loaded `Patch`, its report in the manifest under "behaviour"."""
 
     def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:
         """For each text, the facts that the in-context patches among `patches` (None: every

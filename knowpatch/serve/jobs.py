@@ -13,7 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ..behaviour_edit import job_from_dict
 from ..errors import KnowpatchError
+from ..methods import check_settings
 from ..requests import EditRequest
 from .engine import Engine
 from .errors import ApiError, from_knowpatch
@@ -46,6 +48,8 @@ class EditJobs:
 
     def new_job(self, body: EditBody) -> dict[str, Any]:
         """Check the edit now (the admission check of `Editor.check`), train it on the engine."""
+        if "behaviour" in (body.model_extra or {}):
+            return self.new_behaviour_job(body)
         request = EditRequest.from_dict(dict(body.model_extra or {}))
         self.engine.check(request, body.method, body.settings)
         job_id = "job-" + uuid.uuid4().hex[:12]
@@ -60,6 +64,23 @@ class EditJobs:
         future.add_done_callback(lambda done: self.finished(job_id, done))
         return dict(job)
 
+    def new_behaviour_job(self, body: EditBody) -> dict[str, Any]:
+        """A behaviour edit (`behaviour_edit.job_from_dict`): checked now, trained as a job."""
+        if body.method != "dpo" and "method" in body.model_fields_set:
+            raise KnowpatchError(f"method: a behaviour is trained with dpo (got {body.method!r})")
+        job_spec = job_from_dict(dict(body.model_extra or {}))
+        settings = {"prefixes": 0, "gate": "all", **body.settings}
+        check_settings("dpo", settings)
+        job_id = "job-" + uuid.uuid4().hex[:12]
+        job = {"id": job_id, "object": "edit.job", "status": "queued", "created": time.time(),
+               "method": "dpo", "behaviour": job_spec.behaviour, "patch": None, "error": None}
+        with self.lock:
+            self.jobs[job_id] = job
+        future = self.engine.edit_behaviour(job_spec, settings, started=lambda: self.update(
+            job_id, status="running", started=time.time()))
+        future.add_done_callback(lambda done: self.finished(job_id, done))
+        return dict(job)
+
     def finished(self, job_id: str, done: Future) -> None:
         if (exc := done.exception()) is not None:
             log.warning("job %s failed: %s", job_id, exc)
@@ -69,7 +90,9 @@ class EditJobs:
         self.update(job_id, status="succeeded", patch=patch.id, finished=time.time(),
                     scores=patch.scores, baseline=patch.baseline, steps=patch.steps,
                     seconds=patch.seconds,
-                    subject=(patch.manifest.get("requests") or [{}])[0].get("subject"))
+                    subject=(patch.manifest.get("requests") or [{}])[0].get("subject"),
+                    **({"report": patch.manifest["behaviour"]} if "behaviour" in patch.manifest
+                       else {}))
 
     def update(self, job_id: str, **values: Any) -> None:
         with self.lock:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ...behaviour_edit import BehaviourJob, run_behaviour
 from ...decoding import left_padded
 from ...editor import Editor
 from ...patches import MANIFEST, Patch
@@ -235,6 +236,15 @@ class LocalEngine:
         def run() -> Patch:
             started() if started else None
             return self.editor.edit(request, method, config=dict(settings))
+        return self.submit_task(self.changing(run))
+
+    def edit_behaviour(self, job: BehaviourJob, settings: dict[str, Any],
+                       started: Callable[[], None] | None = None) -> Future:
+        def run() -> Patch:
+            started() if started else None
+            patch, _ = run_behaviour(self.editor, job, dict(settings))
+            self.editor.save(patch)
+            return self.editor.apply(patch)
         return self.submit_task(self.changing(run))
 
     def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:

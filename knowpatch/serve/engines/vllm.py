@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ...behaviour_edit import BehaviourJob
 from ...editor import Editor
 from ...errors import KnowpatchError
 from ...requests import EditRequest
@@ -219,6 +220,14 @@ class VLLMEngine:
              started=None) -> Future:
         """The local engine trains and saves the patch; then it is loaded into vLLM (refused:
         the job fails with vLLM's reason, the patch stays on disk)."""
+        return self.admitted(self.local.edit(request, method, settings, started))
+
+    def edit_behaviour(self, job: BehaviourJob, settings: dict[str, Any],
+                       started=None) -> Future:
+        return self.admitted(self.local.edit_behaviour(job, settings, started))
+
+    def admitted(self, trained_future: Future) -> Future:
+        """A future of the patch `trained_future` brings, once vLLM has loaded it too."""
         done: Future = Future()
 
         def trained(future: Future) -> None:
@@ -230,8 +239,7 @@ class VLLMEngine:
                 done.set_result(future.result())
             except Exception as exc:
                 done.set_exception(exc)
-        self.local.edit(request, method, settings, started).add_done_callback(
-            lambda f: self.pool.submit(trained, f))
+        trained_future.add_done_callback(lambda f: self.pool.submit(trained, f))
         return done
 
     def statements(self, texts: list[str], patches: list[str] | None) -> list[str]:
