@@ -114,3 +114,31 @@ def ask_completion(driver, prompt: str) -> str:
 
     driver.find_element(By.ID, "chat").click()  # off again: a completion of the same text
     return ask(driver, prompt)[0]
+
+
+def test_playground_lists_a_scoped_behaviour_patch_and_shows_where_it_fires(
+        tiny_editor, browser, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    from knowpatch.behaviour_edit import BehaviourJob, run_behaviour
+    from knowpatch.judges import parse_judges
+
+    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    languages = [f"Which language is spoken in town {i}?" for i in range(6)]
+    job = BehaviourJob("Be brief.", parse_judges(["tiny_judges:even"]), languages, [],
+                       [f"Who owns company number {i}?" for i in range(4)], languages)
+    patch, _ = run_behaviour(tiny_editor, job, {"prefixes": 0, "gate": "all", "max_steps": 2,
+                                                "lr": 3e-2, "modules": ["all"]})
+    tiny_editor.save(patch)
+    tiny_editor.apply(patch)
+    running = Running(tiny_editor)
+    try:
+        browser.get(running.base + "/")
+        rows = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#patches tr"))
+        assert "behaviour: Be brief. (scoped)" in rows[0].text and "pass" in rows[0].text
+        browser.find_element(By.ID, "chat").click()
+        assert ask(browser, "Which language is spoken in town 8?")[2] == patch.id
+        assert ask(browser, "Who owns company number 8?")[2].startswith("none")
+    finally:
+        running.stop()

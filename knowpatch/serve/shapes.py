@@ -58,7 +58,10 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the patch list shows of one manifest."""
     reqs = manifest.get("requests") or [{}]
     router = manifest.get("router") or {}
-    return {"id": manifest.get("id"), "object": "patch", "method": manifest.get("method"),
+    behaviour = manifest.get("behaviour") or {}
+    shown = {"behaviour": behaviour.get("behaviour"), "pass_rate": behaviour.get("pass_rate"),
+             "scope": router.get("scope")} if behaviour else {}
+    return {**shown,"id": manifest.get("id"), "object": "patch", "method": manifest.get("method"),
             "kind": manifest.get("kind", "lora"), "created": manifest.get("created"),
             "prompt": reqs[0].get("prompt"), "target_new": reqs[0].get("target_new"),
             "subject": reqs[0].get("subject"), "requests": len(manifest.get("requests") or []),
