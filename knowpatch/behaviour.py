@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .decoding import left_padded, prompt_ids
+from .decoding import continuations, prompt_ids
 from .errors import KnowpatchError
 from .fluency import mean_fluency
 from .judges import Judges
@@ -40,40 +38,16 @@ class Answer:
     truncated: bool  # the cap ended it, not EOS
 
 
-@torch.no_grad()
 def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = ANSWER_TOKENS,
             samples: int = 1, temperature: float = 0.0, seed: int = 0,
             batch: int = 16) -> list[list[Answer]]:
     """`samples` answers to each of `prompts` (greedy at temperature 0), each to its EOS
-    or the cap."""
+    or the cap (a prompt near the end of the model's context: a shorter cap)."""
     eos = tokenizer.eos_token_id
-    out: list[list[Answer]] = []
-    torch.manual_seed(seed)
-    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        ids, mask = left_padded([prompt_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-        budget = min(max_new_tokens, context - ids.shape[1])  # a short context: shorter answers
-        if budget < 1:
-            raise KnowpatchError(f"prompts: a prompt of {ids.shape[1]} tokens fills the model's "
-                                 f"context of {context}")
-        device = next(model.parameters()).device
-        sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": None}
-                    if temperature > 0 else
-                    {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
-        made = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              max_new_tokens=budget, num_return_sequences=samples,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling)
-        new = made[:, ids.shape[1]:].tolist()
-        for i in range(len(chunk)):
-            row = []
-            for tokens in new[i * samples:(i + 1) * samples]:
-                ended = eos in tokens
-                tokens = tokens[:tokens.index(eos)] if ended else tokens
-                row.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                  not ended))
-            out.append(row)
-    return out
+    made = continuations(model, tokenizer, prompts, max_new_tokens, samples=samples,
+                         temperature=temperature, seed=seed, batch_size=batch, shorten=True)
+    return [[Answer(tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip(),
+                    eos not in ids) for ids in rows] for rows in made]
 
 
 def check_prompts(prompts: list[str], field: str = "prompts") -> list[str]:

@@ -28,49 +28,83 @@ def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-@torch.no_grad()
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int,
            batch_size: int = 32, stop: Callable[[int, list[int]], bool] | None = None
            ) -> list[list[int]]:
     """Greedy continuations (token ids, stopped at EOS), batched with left padding.
     `stop(i, ids)`: prompt i's continuation may end once it holds `ids` (the batch ends
     when each row has ended; a row is cut to its budget, not at its stop)."""
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    return [rows[0] for rows in continuations(model, tokenizer, prompts, max_new_tokens,
+                                              batch_size=batch_size, stop=stop)]
+
+
+@torch.no_grad()
+def continuations(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int, *,
+                  samples: int = 1, temperature: float = 0.0, seed: int = 0,
+                  batch_size: int = 32, stop: Callable[[int, list[int]], bool] | None = None,
+                  shorten: bool = False) -> list[list[list[int]]]:
+    """`samples` continuations of each prompt (token ids, ending with EOS where one came, so
+    that an ended answer tells from one the budget cut): greedy at temperature 0, else
+    sampled (seeded once). Prompts run shortest first, in batches, left padded. A prompt
+    whose budget overflows the model's context is an error — or, with `shorten`, gets the
+    room left (an error only when none is)."""
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
     for i, e in enumerate(encoded):
         if context and len(e) + budgets[i] > context:
+            if shorten and len(e) < context:
+                budgets[i] = context - len(e)
+                continue
             raise KnowpatchError(f"prompt: {len(e)} tokens + {budgets[i]} new tokens exceed the "
                                  f"model's context of {context} tokens ({prompts[i][:40]!r}…)")
+    if temperature > 0:
+        torch.manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    pad = tokenizer.pad_token_id
+    out: list[list[list[int]]] = [[] for _ in prompts]
     eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        ids, mask = left_padded([encoded[i] for i in chunk], pad)
-        width = ids.shape[1]
-        budget = max(budgets[i] for i in chunk)
-        criteria = None if stop is None else StoppingCriteriaList([_RowStop(stop, chunk, width)])
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=budget, do_sample=False, pad_token_id=pad,
-                             eos_token_id=eos, temperature=None, top_p=None, top_k=None,
-                             stopping_criteria=criteria)
+        made = _generate(model, tokenizer, [encoded[i] for i in chunk],
+                         max(budgets[i] for i in chunk), samples, temperature,
+                         None if stop is None else _RowStop(stop, chunk, samples))
         for row, i in enumerate(chunk):
-            cont = gen[row, width:].tolist()
-            if eos is not None and eos in cont:
-                cont = cont[: cont.index(eos) + 1]
-            out[i] = cont[: budgets[i]]
+            for cont in made[row * samples:(row + 1) * samples]:
+                if eos is not None and eos in cont:
+                    cont = cont[: cont.index(eos) + 1]
+                out[i].append(cont[: budgets[i]])
     return out
 
 
-class _RowStop(StoppingCriteria):
-    """Each row of a batch is done once `stop(prompt index, its new ids)` says so."""
+def _generate(model, tokenizer, encoded: list[list[int]], budget: int, samples: int,
+              temperature: float, stop: _RowStop | None) -> list[list[int]]:
+    """One left-padded batch through `generate`: the new ids of each row (samples per
+    prompt, one after another)."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded(encoded, pad)
+    width = ids.shape[1]
+    device = next(model.parameters()).device
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": None}
+                if temperature > 0 else
+                {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    if stop is not None:
+        stop.width = width
+    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=budget, num_return_sequences=samples, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id,
+                         stopping_criteria=None if stop is None else StoppingCriteriaList([stop]),
+                         **sampling)
+    return gen[:, width:].tolist()
 
-    def __init__(self, stop: Callable[[int, list[int]], bool], chunk: list[int], width: int):
-        self.stop, self.chunk, self.width = stop, chunk, width
+
+class _RowStop(StoppingCriteria):
+    """Each row of a batch is done once `stop(prompt index, its new ids)` says so (rows are
+    the chunk's prompts, `samples` rows each; `width` is set to the padded prompt width)."""
+
+    def __init__(self, stop: Callable[[int, list[int]], bool], chunk: list[int], samples: int = 1):
+        self.stop, self.chunk, self.samples, self.width = stop, chunk, samples, 0
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([self.stop(i, input_ids[row, self.width:].tolist())
-                             for row, i in enumerate(self.chunk)], device=input_ids.device)
+        return torch.tensor([self.stop(self.chunk[row // self.samples],
+                                       input_ids[row, self.width:].tolist())
+                             for row in range(input_ids.shape[0])], device=input_ids.device)

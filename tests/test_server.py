@@ -335,6 +335,22 @@ def test_statements_without_in_context_patches_do_not_wait_for_the_engine(tiny_e
     assert engine.queue.qsize() == 0
 
 
+def test_a_reading_task_runs_inside_batch_collection_a_changing_one_ends_it(tiny_editor):
+    """Routing and statements (reads) arriving while a batch is collected run at once and the
+    batch goes on collecting; patch work (a change) ends the batch and waits for it."""
+    from knowpatch.serve.engine import Generation
+    from knowpatch.serve.engines.local import LocalEngine, Task
+
+    engine = LocalEngine(tiny_editor, batch_window=0.5)  # not started: collect by hand
+    gens = [Generation([[1, 2]], 4, lambda *a: None) for _ in range(3)]
+    read, change = Task(lambda: "routed", reads=True), Task(lambda: "changed")
+    for item in (read, gens[1], change, gens[2]):
+        engine.queue.put(item)
+    batch, pending = engine.collect(gens[0])
+    assert read.future.result(timeout=0) == "routed"
+    assert batch == gens[:2] and pending is change and not change.future.done()
+
+
 def test_a_behaviour_edit_over_http_is_checked_then_trained_and_scoped(served, tmp_path, monkeypatch):
     """POST /v1/patches with `behaviour`: bad fields are a 400 naming them (nothing made);
     a good one is a job whose patch is served, fires on its scope and reports its numbers."""

@@ -44,6 +44,9 @@ class Task:
 
     run: Callable[[], Any]
     future: Future = field(default_factory=Future)
+    reads: bool = False
+    """It only reads (routing, statements): run at once, even while a batch is being
+    collected, which goes on; work that changes patches waits for the batch."""
 
 
 class RowWatch(StoppingCriteria):
@@ -95,9 +98,10 @@ class LocalEngine:
         self.submit(task)
         return task.future
 
-    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run `fn` on the engine thread and wait for its result (its exception re-raised)."""
-        task = Task(fn)
+    def call(self, fn: Callable[[], Any], timeout: float | None = None, reads: bool = False) -> Any:
+        """Run `fn` on the engine thread and wait for its result (its exception re-raised);
+        `reads`: it changes nothing (see `Task.reads`)."""
+        task = Task(fn, reads=reads)
         self.submit(task)
         return task.future.result(timeout)
 
@@ -116,7 +120,8 @@ class LocalEngine:
 
     def collect(self, first: Generation) -> tuple[list[Generation], Any]:
         """`first` and the generations that arrive within the batch window (up to
-        `max_batch` rows); a task that arrives meanwhile waits for the batch."""
+        `max_batch` rows); a reading task that arrives meanwhile runs at once (each
+        completion asks for its in-context statements first), other tasks end the batch."""
         batch, rows = [first], len(first.rows)
         deadline = time.monotonic() + self.batch_window
         while rows < self.max_batch:
@@ -124,6 +129,9 @@ class LocalEngine:
                 nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return batch, None
+            if isinstance(nxt, Task) and nxt.reads:
+                self.run_task(nxt)
+                continue
             if not isinstance(nxt, Generation):
                 return batch, nxt
             batch.append(nxt)
@@ -253,7 +261,7 @@ class LocalEngine:
                        if m.get("statement") and (patches is None or pid in patches)]
         if not stating:  # no in-context patch: no task on the engine thread, whose arrival
             return [""] * len(texts)  # would close the batch being collected (1-row batches)
-        return self.call(lambda: self.editor.statements(patches).stated(texts))
+        return self.call(lambda: self.editor.statements(patches).stated(texts), reads=True)
 
     def route(self, prompt: str, patches: list[str] | None) -> Route:
-        return self.call(lambda: self.editor.route(prompt, patches))[0]
+        return self.call(lambda: self.editor.route(prompt, patches), reads=True)[0]
