@@ -253,18 +253,23 @@ def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
     """The server is killed (SIGKILL) while it saves a patch (a fault-injected pause holds
     the save between writing its temp folder and renaming it): the half-written folder is
     seen, the restarted server removes it, lists only whole patches, and edits again."""
+    kill_during_save(["--model", str(tiny_dir)], EDIT, tmp_path)
+
+
+def kill_during_save(serve_args: list[str], body: dict, tmp_path: Path) -> None:
+    """`test_kill_9_during_an_edit_leaves_a_whole_patch_or_none` for a server started with
+    `serve_args` (also run on the vLLM engine, tests/test_vllm.py)."""
     store = tmp_path / "store"
-    env = {**os.environ, "KNOWPATCH_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "KNOWPATCH_HOME": os.environ.get("KNOWPATCH_HOME", str(tmp_path / "home"))}
 
     def start(pause: float = 0) -> tuple[subprocess.Popen, str]:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "knowpatch.cli", "serve", "--model",
-                                 str(tiny_dir), "--device", "cpu", "--store", str(store),
-                                 "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "knowpatch.cli", "serve", *serve_args,
+                                 "--device", "cpu", "--store", str(store), "--port", str(port)],
                                 env={**env, "KNOWPATCH_FAULT_SAVE_PAUSE": str(pause)},
                                 stderr=subprocess.PIPE)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while True:
             assert proc.poll() is None, proc.stderr.read().decode()
             try:
@@ -278,8 +283,8 @@ def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
         return [p for p in store.iterdir() if p.name.startswith(".")] if store.is_dir() else []
 
     proc, base = start(pause=60)
-    assert http.post(base + "/v1/patches", json=EDIT).status_code == 202
-    deadline = time.time() + 120
+    assert http.post(base + "/v1/patches", json=body).status_code == 202
+    deadline = time.time() + 300
     while not any((p / "patch.json").is_file() for p in partial()):  # the save is under way
         assert time.time() < deadline and proc.poll() is None, "no save seen"
         time.sleep(0.01)
@@ -290,7 +295,7 @@ def test_kill_9_during_an_edit_leaves_a_whole_patch_or_none(tiny_dir, tmp_path):
     try:
         assert not partial()  # what the killed save left is gone
         assert http.get(base + "/v1/patches").json()["data"] == []
-        job = edit(base, EDIT)  # and the server edits again, whole
+        job = edit(base, body)  # and the server edits again, whole
         folders = sorted(p.name for p in store.iterdir())
         assert folders == [job["patch"]]
         assert [p["id"] for p in http.get(base + "/v1/patches").json()["data"]] == folders

@@ -254,6 +254,41 @@ def test_faults_at_start_are_one_clear_error(tmp_path):
         vllm_python(sys.executable if "vllm" not in sys.modules else "/nonexistent")
 
 
+def test_kill_9_of_knowpatch_during_a_save_on_the_vllm_engine(vllm, tmp_path):
+    """The kill -9 mid-save test of the local engine (tests/test_server.py), on the vLLM
+    engine: knowpatch serving through the module's vLLM server (--engine-url) is killed
+    inside a save; restarted, it removes the half-written folder and edits again."""
+    from test_server import kill_during_save
+
+    body = {"prompt": "{} is located in the city of", "subject": "The Louvre",
+            "target_new": "Lima"}
+    kill_during_save(["--model", "smollm2-135m", "--engine", "vllm", "--engine-url",
+                      vllm[0].url], body, tmp_path)
+
+
+def test_a_vllm_server_that_fails_to_start_is_exit_2_with_its_log(tiny_dir, tmp_path):
+    """`knowpatch serve --engine vllm` on a model vLLM refuses (the tiny model's attention
+    heads of size 16; vLLM's CPU attention takes 32 and up): knowpatch exits 2 with the tail
+    of vLLM's log, and leaves no vLLM process behind."""
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from knowpatch.cli import app
+
+    home = tmp_path / "home"
+    res = CliRunner().invoke(app, ["serve", "--engine", "vllm", "--model", str(tiny_dir),
+                                   "--store", str(tmp_path / "store"), "--vllm-python",
+                                   _vllm_python()], env={"KNOWPATCH_HOME": str(home)})
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
+    assert "the vLLM server exited with code" in res.stderr, res.stderr
+    log = (home / "logs" / "vllm.log").read_text()
+    assert log.strip() and log.strip().splitlines()[-1][:60] in res.stderr  # its tail is shown
+    left = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server --model {tiny_dir}"],
+                          capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
 def test_kill_9_of_the_vllm_server_is_a_503_then_it_is_back_with_its_patches(vllm):
     process = vllm[0]
     running = _serve(_engine(vllm))

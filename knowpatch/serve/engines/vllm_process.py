@@ -86,6 +86,7 @@ class VLLMProcess:
         try:
             while not client.healthy():
                 if self.proc.poll() is not None:
+                    self.stop()  # what it spawned goes too
                     raise KnowpatchError(f"engine: the vLLM server exited with code "
                                          f"{self.proc.returncode} while starting:\n{self.tail()}")
                 if time.monotonic() > deadline:
