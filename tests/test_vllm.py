@@ -201,12 +201,13 @@ def test_mixed_concurrent_requests_have_no_cross_talk(vllm):
             http.delete(f"{running.base}/v1/patches/{colosseum}", params={"unload_only": True})
         stop, toggles = threading.Event(), []
 
-        def toggle():
+        def toggle():  # each load is a vLLM adapter load: every 0.5 s, not back to back
             while not stop.is_set():
                 assert http.post(running.base + "/v1/patches/load", json={"id": colosseum}).status_code == 200
-                time.sleep(0.05)
+                stop.wait(0.5)
                 http.delete(f"{running.base}/v1/patches/{colosseum}", params={"unload_only": True})
                 toggles.append(1)
+                stop.wait(0.2)
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
             toggler = pool.submit(toggle)
             futures = [pool.submit(ask, i) for i in range(200)]
