@@ -19,6 +19,8 @@ learns where to stop.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .decoding import continuations, prompt_ids
@@ -40,14 +42,31 @@ class Answer:
 
 def answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = ANSWER_TOKENS,
             samples: int = 1, temperature: float = 0.0, seed: int = 0,
-            batch: int = 16) -> list[list[Answer]]:
+            batch: int = 16, done: Callable[[int], None] | None = None) -> list[list[Answer]]:
     """`samples` answers to each of `prompts` (greedy at temperature 0), each to its EOS
-    or the cap (a prompt near the end of the model's context: a shorter cap)."""
+    or the cap (a prompt near the end of the model's context: a shorter cap); `done(n)`
+    after each batch of n prompts."""
     eos = tokenizer.eos_token_id
     made = continuations(model, tokenizer, prompts, max_new_tokens, samples=samples,
-                         temperature=temperature, seed=seed, batch_size=batch, shorten=True)
+                         temperature=temperature, seed=seed, batch_size=batch, shorten=True,
+                         done=done)
     return [[Answer(tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip(),
                     eos not in ids) for ids in rows] for rows in made]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, show: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr while a block runs (`show`); yields `advance(n)`."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def check_prompts(prompts: list[str], field: str = "prompts") -> list[str]:
@@ -75,12 +94,13 @@ def behaviour_pairs(editor, behaviour: str, prompts: list[str], judge: Judges, *
     if max_new_tokens < 1:
         raise KnowpatchError(f"prompts: a prompt of {longest} tokens fills the model's context "
                              f"of {context}")
-    with editor.using([]) as base:
+    with editor.using([]) as base, progress_bar("answers with and without the instruction",
+                                                3 * len(prompts), editor.shows_progress) as done:
         with_it = answers(base, tok, told, samples=samples, temperature=temperature, seed=seed,
-                          max_new_tokens=max_new_tokens)
-        greedy_plain = answers(base, tok, plain, max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, done=done)
+        greedy_plain = answers(base, tok, plain, max_new_tokens=max_new_tokens, done=done)
         sampled_plain = answers(base, tok, plain, samples=2, temperature=temperature,
-                                seed=seed + 1, max_new_tokens=max_new_tokens)
+                                seed=seed + 1, max_new_tokens=max_new_tokens, done=done)
     eos = tok.eos_token or ""
     pairs, skipped = [], {}
     for q, prompt, good, bad in zip(prompts, plain, with_it,
@@ -128,9 +148,10 @@ def judge_answers(editor, prompts: list[str], judge: Judges, *, patches=None,
     """Greedy chat answers to `prompts` with `patches` active (None: those applied; []: the
     base model): the judge's pass rate (%), their fluency, the answers."""
     tok = editor.tokenizer
-    with editor.using(patches) as model:
+    with editor.using(patches) as model, progress_bar(
+            "judged answers", len(prompts), editor.shows_progress) as done:
         found = [row[0] for row in answers(model, tok, [chat_prompt(tok, q) for q in prompts],
-                                          max_new_tokens=max_new_tokens)]
+                                          max_new_tokens=max_new_tokens, done=done)]
     fluency = mean_fluency([a.text for a in found])
     return {"pass_rate": _rate(found, judge),
             "fluency": None if fluency is None else round(fluency, 4),

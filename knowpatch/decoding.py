@@ -42,12 +42,13 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int
 def continuations(model, tokenizer, prompts: list[str], max_new_tokens: list[int] | int, *,
                   samples: int = 1, temperature: float = 0.0, seed: int = 0,
                   batch_size: int = 32, stop: Callable[[int, list[int]], bool] | None = None,
-                  shorten: bool = False) -> list[list[list[int]]]:
+                  shorten: bool = False, done: Callable[[int], None] | None = None
+                  ) -> list[list[list[int]]]:
     """`samples` continuations of each prompt (token ids, ending with EOS where one came, so
     that an ended answer tells from one the budget cut): greedy at temperature 0, else
     sampled (seeded once). Prompts run shortest first, in batches, left padded. A prompt
     whose budget overflows the model's context is an error — or, with `shorten`, gets the
-    room left (an error only when none is)."""
+    room left (an error only when none is). `done(n)` hears of each batch of n prompts done."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
@@ -73,6 +74,8 @@ def continuations(model, tokenizer, prompts: list[str], max_new_tokens: list[int
                 if eos is not None and eos in cont:
                     cont = cont[: cont.index(eos) + 1]
                 out[i].append(cont[: budgets[i]])
+        if done is not None:
+            done(len(chunk))
     return out
 
 

@@ -83,6 +83,11 @@ class Editor:
         return [self._loaded.patches[name] for name in self._loaded.applied]
 
     @property
+    def shows_progress(self) -> bool:
+        """Whether long work shows progress bars (`options(progress=…)`)."""
+        return self._progress
+
+    @property
     def context_length(self) -> int | None:
         """The most positions the model takes (None: not stated by its config)."""
         return getattr(self.model.config, "max_position_embeddings", None)
