@@ -105,13 +105,16 @@ def behaviour_pairs(editor, behaviour: str, prompts: list[str], judge: Judges, *
     pairs, skipped = [], {}
     for q, prompt, good, bad in zip(prompts, plain, with_it,
                                     [g + s for g, s in zip(greedy_plain, sampled_plain)]):
-        chosen = next((a for a in good if judge(a.text, a.truncated)), None)
-        rejected = next((a for a in bad if not judge(a.text, a.truncated)), None)
-        if chosen is None:
+        passing = [a for a in good if judge(a.text, a.truncated)]
+        failing = [a for a in bad if not judge(a.text, a.truncated)]
+        fits = [a for a in passing + failing if _fits(tok, prompt, _ended(a, eos), context)]
+        chosen = next((a for a in passing if a in fits), None)
+        rejected = next((a for a in failing if a in fits), None)
+        if not passing:
             skipped[q] = "no answer given the instruction passed the judge"
-        elif rejected is None:
+        elif not failing:
             skipped[q] = "every answer without the instruction already passes"
-        elif not all(_fits(tok, prompt, _ended(a, eos), context) for a in (chosen, rejected)):
+        elif chosen is None or rejected is None:
             skipped[q] = "its answers do not fit the model's context"
         else:
             pairs.append(EditRequest(prompt=prompt, target_new=_ended(chosen, eos),

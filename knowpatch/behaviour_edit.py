@@ -17,8 +17,8 @@ from typing import Any
 from .behaviour import behaviour_pairs, check_prompts, judge_answers, unchanged
 from .errors import KnowpatchError
 from .judges import Judges, parse_judges
-from .questions import chat_prompt
-from .scope_keys import check_scope, make_scope
+from .questions import chat_prompt, has_chat_template
+from .scope_keys import check_scope, make_chat_scope, make_scope
 
 SAMPLES_SHOWN = 5
 
@@ -35,7 +35,10 @@ class BehaviourJob:
     """Out-of-scope prompts: measured (answers unchanged?) and, when scoped, half of them
     calibrate the scope's threshold."""
     scope: list[str] | None = None
-    """In-scope example prompts the patch is keyed by (None: unscoped, acts on every query)."""
+    """In-scope example prompts the patch is keyed by (None: it fires on every chat prompt,
+    or with `everywhere` on every query)."""
+    everywhere: bool = False
+    """Without `scope`: act on completion prompts too, not only on chat turns."""
 
 
 def split_heldout(prompts: list[str], heldout: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -53,7 +56,7 @@ def job_from_dict(data: dict[str, Any]) -> BehaviourJob:
     """A behaviour edit as JSON (the server's `POST /v1/patches` with `behaviour`): behaviour,
     prompts, judge (a spec or a list), heldout (0.2), scope and out_of_scope (lists of
     prompts); a bad field is named, before anything is trained."""
-    known = {"behaviour", "prompts", "judge", "heldout", "scope", "out_of_scope"}
+    known = {"behaviour", "prompts", "judge", "heldout", "scope", "out_of_scope", "everywhere"}
     if set(data) - known:
         raise KnowpatchError(f"{sorted(set(data) - known)[0]}: not a field of a behaviour edit "
                              f"({', '.join(sorted(known))})")
@@ -71,7 +74,10 @@ def job_from_dict(data: dict[str, Any]) -> BehaviourJob:
     if scope is not None:
         check_scope([p for p in scope if p not in set(held)])
     outside = _prompts(data, "out_of_scope") if data.get("out_of_scope") is not None else []
-    return BehaviourJob(behaviour, judge, train, held, outside, scope)
+    everywhere = data.get("everywhere", False)
+    if not isinstance(everywhere, bool):
+        raise KnowpatchError(f"everywhere: true or false (got {everywhere!r})")
+    return BehaviourJob(behaviour, judge, train, held, outside, scope, everywhere)
 
 
 def _prompts(data: dict[str, Any], name: str) -> list[str]:
@@ -91,11 +97,13 @@ def run_behaviour(editor, job: BehaviourJob, values: dict[str, Any]) -> tuple[An
                                        label=job.behaviour, samples=0)
     calibrate_on, measure_on = _split(job.outside) if job.scope is not None else ([], job.outside)
     report: dict[str, Any] = {**made, "seconds_to_edit": None}
+    editor.remove(patch)  # loaded unkeyed while pairs were measured: keyed from here on
     if job.scope is not None:
         held = set(job.heldout)
-        editor.remove(patch)  # loaded unkeyed while it was measured: keyed from here on
         report["scope"] = make_scope(editor, patch, [p for p in job.scope if p not in held],
                                      calibrate_on or None)
+    elif not job.everywhere and has_chat_template(editor.tokenizer):
+        report["scope"] = make_chat_scope(editor, patch)
     report["seconds_to_edit"] = round(time.perf_counter() - start, 1)
     probe = job.heldout or job.train
     report["measured_on"] = "heldout" if job.heldout else "training prompts (no heldout)"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import decoder_layers
-from .scope import Turn, is_scope, score_entries
+from .scope import Turn, is_scope, scope_kind, score_entries
 
 ROW_CHUNK = 64
 """Query rows scored in one product (bounds its memory: rows × positions × keys)."""
@@ -197,9 +197,10 @@ class Entry:
     token ids, from patches made before the index: always a candidate)."""
     filed: frozenset[int] = frozenset()
     """The tokens the index files this patch under (one per variant)."""
-    scope: bool = False
-    """A scoped patch (`scope`): keys are pooled example prompts, scored by nearest
-    neighbours; always a candidate, scored apart from the subject keys."""
+    scope: str = ""
+    """A scoped patch (`scope`; always a candidate, scored apart from the subject keys):
+    "examples" (keys are pooled example prompts, scored by nearest neighbours) or "chat"
+    (fires on every chat prompt); "" for a subject patch."""
 
 
 @dataclass
@@ -263,7 +264,7 @@ class Router:
         filed = frozenset(self._filing_tokens(spellings or ()))
         self.entries[patch_id] = Entry(patch_id, keys["keys"].float(), keys["variant"].long(),
                                        int(layer), float(threshold), frozenset(facts),
-                                       self._counter, spellings, filed, is_scope(keys))
+                                       self._counter, spellings, filed, scope_kind(keys))
         for token in filed:
             self._postings.setdefault(token, set()).add(patch_id)
         if spellings is None:

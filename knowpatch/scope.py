@@ -96,8 +96,34 @@ def scores(queries: torch.Tensor, keys: torch.Tensor, leave_out_self: bool = Fal
     return sims.topk(k, dim=1).values.mean(1)
 
 
+CHAT = 2.0
+"""The value of a chat scope's `"scope"` key (1.0: examples)."""
+
+
 def is_scope(keys: dict[str, torch.Tensor]) -> bool:
     return "scope" in keys
+
+
+def scope_kind(keys: dict[str, torch.Tensor]) -> str:
+    """"" (a subject patch's keys), "examples" or "chat"."""
+    if "scope" not in keys:
+        return ""
+    return "chat" if float(keys["scope"].flatten()[0]) == CHAT else "examples"
+
+
+def chat_scope_keys(hidden_size: int) -> dict[str, torch.Tensor]:
+    """The keys of a patch that fires on every chat prompt and on nothing else (a behaviour
+    learnt from chat turns: a completion prompt is not a turn to answer)."""
+    return {"keys": torch.zeros(1, hidden_size), "variant": torch.zeros(1, dtype=torch.long),
+            "scope": torch.tensor([CHAT])}
+
+
+def is_chat(row: Sequence[int], turn: Turn | None) -> bool:
+    """`row` holds a user turn of the chat template."""
+    if turn is None:
+        return False
+    n, row = len(turn.opens), list(row)
+    return any(tuple(row[i:i + n]) == turn.opens for i in range(len(row) - n + 1))
 
 
 
@@ -106,6 +132,13 @@ def score_entries(entries, hidden: list[dict[int, torch.Tensor]], rows: list[lis
                   turn: Turn | None, scored: list[tuple[dict[str, float], list[str]]]) -> None:
     """Score scoped router entries for each row (its hidden states per layer) and add them
     to `scored` (each row's scores and fired patches), as `Router.score_rows` leaves it."""
+    for e in (e for e in entries if e.scope == "chat"):
+        for r, row in enumerate(rows):
+            score = 1.0 if is_chat(row, turn) else 0.0
+            scored[r][0][e.patch_id] = score
+            if score >= e.threshold:
+                scored[r][1].append(e.patch_id)
+    entries = [e for e in entries if e.scope != "chat"]
     for layer in sorted({e.layer for e in entries}):
         present = [r for r, h in enumerate(hidden) if layer in h and h[layer].shape[0] > 0]
         if not present:

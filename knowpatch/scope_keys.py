@@ -12,7 +12,7 @@ from .decoding import prompt_ids
 from .errors import KnowpatchError
 from .questions import chat_prompt
 from .router import hidden_rows
-from .scope import SCOPE_LAYER, Turn, chat_turn, pool, scores
+from .scope import SCOPE_LAYER, Turn, chat_scope_keys, chat_turn, pool, scores
 
 MIN_EXAMPLES = 4
 """Fewer in-scope examples cannot calibrate a threshold (each is scored against the others)."""
@@ -79,12 +79,25 @@ def make_scope(editor, patch, in_scope: list[str], out_of_scope: list[str] | Non
         plain = _pooled(base, tok, in_scope, layer, turn) if turn is not None else None
     calibration = calibrate(scores(inside, inside, leave_out_self=True),
                             None if outside is None else scores(outside, inside))
-    calibration.update(examples=len(in_scope), out_of_scope_examples=len(out_of_scope or []))
+    calibration.update(kind="examples", examples=len(in_scope),
+                       out_of_scope_examples=len(out_of_scope or []))
     patch.keys = scope_keys(inside if plain is None else torch.cat([inside, plain]))
     patch.manifest["router"] = {"layer": layer, "threshold": calibration["threshold"],
                                 "keys": len(in_scope), "facts": [], "scope": calibration}
     patch.manifest.setdefault("config", {})["gate"] = "all"
     return calibration
+
+
+def make_chat_scope(editor, patch) -> dict:
+    """Route `patch` to every chat prompt and nothing else (its adapter on the whole of such
+    a query, gate all): how a behaviour learnt from chat turns is kept off completions."""
+    hidden = int(editor.model.config.hidden_size)
+    patch.keys = chat_scope_keys(hidden)
+    scope = {"kind": "chat"}
+    patch.manifest["router"] = {"layer": 1, "threshold": 0.5, "keys": 0, "facts": [],
+                                "scope": scope}
+    patch.manifest.setdefault("config", {})["gate"] = "all"
+    return scope
 
 
 def _pooled(model, tokenizer, texts: list[str], layer: int, turn: Turn | None) -> torch.Tensor:

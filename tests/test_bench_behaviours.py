@@ -75,10 +75,14 @@ def test_bench_behaviours_writes_each_result_and_resumes(tiny_dir, tmp_path, cou
     by_name = {b["name"]: b for b in report["behaviours"]}
     assert set(by_name) == {"short", "languages", "never"}
     assert "no preference pair" in by_name["never"]["error"]  # reported, the others still run
-    assert "scope" not in by_name["short"] and "out_of_scope" not in by_name["short"]
+    assert "out_of_scope" not in by_name["short"]
     scoped = by_name["languages"]
     assert scoped["scope"]["examples"] >= 4 and scoped["out_of_scope"]["prompts"] == 2
-    assert 0 <= scoped["cf_loc"] <= 100 and scoped["prompt_counts"]["train"] > 0
+    assert 0 <= scoped["cf_loc"] <= 100 and 0 <= scoped["cf_loc_tf"] <= 100
+    assert scoped["prompt_counts"]["train"] > 0
+    assert by_name["short"].get("scope", {}).get("kind") == "chat", by_name["short"]  # chat turns only
+    assert by_name["short"]["cf_loc"] == 100.0  # so the completion prompts are untouched
+    assert (out / "patches" / "languages" / "patch.json").is_file()
     assert "| languages | yes |" in (out / "report.md").read_text()
     (out / "behaviours" / "short.json").write_text(json.dumps({**by_name["short"], "steps": -7}))
     again = CliRunner().invoke(app, [str(a) for a in args])

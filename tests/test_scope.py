@@ -82,3 +82,30 @@ def test_a_scope_needs_enough_examples(tiny_editor):
     patch = _behaviour_patch(tiny_editor)
     with pytest.raises(KnowpatchError, match="scope: at least 4"):
         make_scope(tiny_editor, patch, LANGUAGES[:2])
+
+
+def test_an_unscoped_behaviour_fires_on_chat_turns_only_unless_everywhere(tiny_editor, tmp_path,
+                                                                           monkeypatch):
+    """A behaviour learnt from chat turns is kept off completion prompts by default (a chat
+    scope); `everywhere` leaves it unrouted, on every query."""
+    from knowpatch.behaviour_edit import BehaviourJob, run_behaviour
+    from knowpatch.judges import parse_judges
+
+    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    values = {"prefixes": 0, "gate": "all", "max_steps": 2, "lr": 3e-2, "modules": ["all"]}
+    judge = parse_judges(["tiny_judges:even"])
+    patch, report = run_behaviour(tiny_editor, BehaviourJob("Be brief.", judge, LANGUAGES), values)
+    assert report["scope"] == {"kind": "chat"} and patch.manifest["router"]["scope"]["kind"] == "chat"
+    chat, plain = chat_prompt(tiny_editor.tokenizer, OTHERS[0]), "The Louvre is in the city of"
+    fired = [patch.id in r.fired for r in tiny_editor.route([chat, plain], patches=[patch])]
+    assert fired == [True, False]
+    tiny_editor.remove(patch)
+    base = tiny_editor.generate(plain, patches=[], max_new_tokens=6)
+    assert tiny_editor.generate(plain, patches=[patch], max_new_tokens=6) == base  # not acting
+    asked = tiny_editor.generate(chat, patches=[], max_new_tokens=6)
+    assert tiny_editor.generate(chat, patches=[patch], max_new_tokens=6) != asked  # acting
+    tiny_editor.remove(patch)
+    everywhere, _ = run_behaviour(tiny_editor, BehaviourJob("Be brief.", judge, LANGUAGES,
+                                                            everywhere=True), values)
+    assert everywhere.routing is None and "scope" not in _

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from ..behaviour_edit import BehaviourJob, run_behaviour
+from ..chat import names
 from ..datasets import load_cases
-from ..decoding import greedy
 from ..errors import KnowpatchError
 from ..judges import parse_judges
 from ..training import peak_rss_mb
@@ -117,13 +117,13 @@ def relation_records(data: str | Path) -> list[tuple[str, Any]]:
 
 def run_behaviour_bench(editor, spec: str | Path, data: str | Path, out_dir: str | Path,
                         values: dict[str, Any], only: list[str] | None = None) -> dict[str, Any]:
-    """Each behaviour of `spec` edited and measured (resuming from `out_dir`); the report."""
+    """Each behaviour of `spec` edited and measured (resuming from `out_dir`; its patches
+    kept in `out_dir/patches`); the report."""
     cases, counts = load_spec(spec)
     records = relation_records(data)
     out = Path(out_dir)
     (out / "behaviours").mkdir(parents=True, exist_ok=True)
-    loc_probe = [p.prompt for _, r in records[:counts["loc_records"]] for p in r.locality]
-    base_loc = _answers(editor, loc_probe, [])
+    knowledge = Knowledge(editor, [r for _, r in records[:counts["loc_records"]]])
     results = []
     for case in cases:
         if only and case.name not in only:
@@ -134,7 +134,7 @@ def run_behaviour_bench(editor, spec: str | Path, data: str | Path, out_dir: str
             continue
         try:
             results.append(_one(editor, case, build_prompts(records, case, counts), values,
-                                loc_probe, base_loc))
+                                knowledge, out / "patches"))
         except KnowpatchError as exc:  # e.g. no pair: the model cannot show the behaviour
             results.append({"name": case.name, "behaviour": case.behaviour,
                             "scoped": case.scoped, "error": str(exc)})
@@ -147,43 +147,70 @@ def run_behaviour_bench(editor, spec: str | Path, data: str | Path, out_dir: str
 
 
 def _one(editor, case: Case, prompts: dict[str, list[str]], values: dict[str, Any],
-         loc_probe: list[str], base_loc: list[str]) -> dict[str, Any]:
+         knowledge: Knowledge, patches: Path) -> dict[str, Any]:
     start = time.perf_counter()
     job = BehaviourJob(case.behaviour, parse_judges(case.judge), prompts["train"],
                        prompts["heldout"], prompts["outside"],
                        prompts["scope"] if case.scoped else None)
     patch, report = run_behaviour(editor, job, dict(values))
-    after = _answers(editor, loc_probe, [patch])
+    editor.save(patch, patches / case.name, overwrite=True)
+    kept = knowledge.after(patch)
     editor.remove(patch)
-    loc = round(100.0 * sum(a == b for a, b in zip(base_loc, after)) / max(1, len(after)), 2)
     return {"name": case.name, "scoped": case.scoped, **report,
             "prompt_counts": {k: len(v) for k, v in prompts.items()}, "steps": patch.steps,
-            "cf_loc": loc, "seconds": round(time.perf_counter() - start, 1)}
+            **kept, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _answers(editor, prompts: list[str], patches: list) -> list[str]:
-    """Greedy 3-token continuations (a neighbourhood prompt's answer)."""
-    with editor.using(patches) as model:
-        return [editor.tokenizer.decode(ids) for ids in greedy(model, editor.tokenizer, prompts, 3)]
+class Knowledge:
+    """General knowledge kept after a behaviour edit, on CounterFact records' neighbourhood:
+    `cf_loc` / `cf_loc_tf` (the bench's loc and loc_tf on the completion prompts: greedy 5
+    tokens unchanged, teacher-forced answer argmax unchanged) and `chat_kept` (the
+    neighbourhood questions asked in chat whose unedited reply names the true answer: the
+    share of them whose edited reply still does)."""
+
+    def __init__(self, editor, requests: list[Any]):
+        from ..requests import EditRequest
+
+        self.editor = editor
+        # the records' neighbourhood only: no paraphrase, no question of the edit itself
+        self.requests = [EditRequest(r.prompt, r.target_new, subject=r.subject,
+                                     ground_truth=r.ground_truth, locality=r.locality)
+                         for r in requests]
+        self.asked = [(q, r.ground_truth) for r in requests for q in r.locality_questions]
+        before = editor.chat([q for q, _ in self.asked], patches=[])
+        self.named = [names(reply, answer) for reply, (_, answer) in zip(before, self.asked)]
+
+    def after(self, patch) -> dict[str, float | None]:
+        edited, _ = self.editor.evaluate(self.requests, patches=[patch])
+        asked = [q for (q, _), named in zip(self.asked, self.named) if named]
+        answers = [a for (_, a), named in zip(self.asked, self.named) if named]
+        replies = self.editor.chat(asked, patches=[patch]) if asked else []
+        kept = sum(names(reply, answer) for reply, answer in zip(replies, answers))
+        return {"cf_loc": edited.summary.get("loc"), "cf_loc_tf": edited.summary.get("loc_tf"),
+                "chat_kept": round(100.0 * kept / len(asked), 2) if asked else None,
+                "chat_kept_of": len(asked)}
 
 
 def markdown(report: dict[str, Any]) -> str:
     """report.md: one row per behaviour, then five answers before and after for each."""
     head = ("| behaviour | scoped | pass rate held-out (unedited → edited) | out-of-scope "
-            "unchanged | fires in / out | fluency (unedited → edited) | CF loc | pairs | s |")
+            "unchanged | fires in / out | fluency (unedited → edited) | CF loc / loc_tf | "
+            "chat kept | pairs | s |")
     lines = ["# Behaviour edits", "", f"Prompts from `{report['data']}`; counts {report['counts']}.",
-             "", head, "|" + "---|" * 9]
+             "", head, "|" + "---|" * 10]
     for b in report["behaviours"]:
         if "error" in b:
             lines.append(f"| {b['name']} | {'yes' if b['scoped'] else 'no'} | not edited: "
-                         f"{b['error']} |" + " |" * 6)
+                         f"{b['error']} |" + " |" * 7)
             continue
         o, s = b.get("out_of_scope") or {}, b.get("scope") or {}
-        fires = f"{s.get('heldout_fires')} / {o.get('fires')}" if b["scoped"] else "all"
+        fires = (f"{s.get('heldout_fires')} / {o.get('fires')}" if b["scoped"] else
+                 "chat turns" if s.get("kind") == "chat" else "all")
         lines.append(f"| {b['name']} | {'yes' if b['scoped'] else 'no'} | "
                      f"{b['pass_rate']['unedited']} → {b['pass_rate']['edited']} | "
                      f"{o.get('unchanged', '—')} | {fires} | {b['fluency']['unedited']} → "
-                     f"{b['fluency']['edited']} | {b['cf_loc']} | {b['pairs']} | {b['seconds']} |")
+                     f"{b['fluency']['edited']} | {b['cf_loc']} / {b['cf_loc_tf']} | "
+                     f"{b['chat_kept']} (of {b['chat_kept_of']}) | {b['pairs']} | {b['seconds']} |")
     for b in (b for b in report["behaviours"] if "error" not in b):
         lines += ["", f"## {b['name']}: {b['behaviour']!r} (judge {b['judge']})", ""]
         for sample in b["samples"]:

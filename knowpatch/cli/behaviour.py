@@ -49,10 +49,16 @@ OutOfScopeOpt = typer.Option(None, "--out-of-scope", help="With --behaviour: pro
                              "threshold, half are measured (answers unchanged, fire rate).")
 
 
+EverywhereOpt = typer.Option(False, "--everywhere", help="With --behaviour and no --scope: act "
+                             "on completion prompts too (by default a behaviour learnt from "
+                             "chat turns fires on chat prompts only).")
+
+
 @dataclass
 class BehaviourScope:
     prompts: Path | None = None
     outside: Path | None = None
+    everywhere: bool = False
 
 
 def read_prompts(path: Path | None, field: str = "prompts") -> list[str]:
@@ -80,7 +86,7 @@ def edit_behaviour(behaviour: str, prompts_file: Path | None, judge_specs: list[
         check_scope([p for p in in_scope if p not in set(held)])
     outside = read_prompts(scope.outside, "out_of_scope") if scope.outside is not None else []
     values = behaviour_settings(config, overrides)
-    job = BehaviourJob(behaviour, judge, train, held, outside, in_scope)
+    job = BehaviourJob(behaviour, judge, train, held, outside, in_scope, scope.everywhere)
     editor = open_editor(args)
     patch, report = run_behaviour(editor, job, values)
     editor.save(patch)

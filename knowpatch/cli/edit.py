@@ -18,6 +18,7 @@ from .behaviour import (
     BehaviourOpt,
     BehaviourScope,
     EvalPromptsOpt,
+    EverywhereOpt,
     HeldoutOpt,
     JudgeOpt,
     OutOfScopeOpt,
@@ -61,7 +62,7 @@ def edit(
     preferences: Path | None = PreferencesOpt,
     behaviour: str | None = BehaviourOpt, prompts: Path | None = PromptsOpt,
     judge: list[str] | None = JudgeOpt, scope: Path | None = ScopeOpt,
-    out_of_scope: Path | None = OutOfScopeOpt,
+    out_of_scope: Path | None = OutOfScopeOpt, everywhere: bool = EverywhereOpt,
     heldout: float = HeldoutOpt,
     method: str = typer.Option("lora-sft", help=f"Editing method: {', '.join(METHODS)}, or "
                                "auto (facts: a routed LoRA SFT patch per fact, trained "
@@ -97,10 +98,10 @@ def edit(
     setup_logging(verbose)
     args = ModelArgs(model, device, dtype, store)
     kind = _kind(behaviour, preferences, bool(prompt or target or requests),
-                 prompts, judge, scope or out_of_scope)
+                 prompts, judge, scope or out_of_scope or everywhere)
     if kind == "behaviour":
         run_body(edit_behaviour, behaviour, prompts, judge, heldout,
-                 BehaviourScope(scope, out_of_scope), config, args, as_json, overrides)
+                 BehaviourScope(scope, out_of_scope, everywhere), config, args, as_json, overrides)
     elif kind == "preferences":
         run_body(_edit_preferences, preferences, heldout, method, config, args, as_json, overrides)
     else:
