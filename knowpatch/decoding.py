@@ -66,9 +66,9 @@ def continuations(model, tokenizer, prompts: list[str], max_new_tokens: list[int
     eos = tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
+        # a row may run past its own budget while others finish theirs (cut below): capping
+        # the batch instead would make a row's text depend on its batchmates
         budget = max(budgets[i] for i in chunk)
-        if context:  # the batch's longest prompt must stay within the context too
-            budget = min(budget, context - max(len(encoded[i]) for i in chunk))
         made = _generate(model, tokenizer, [encoded[i] for i in chunk], budget, samples, temperature,
                          None if stop is None else _RowStop(stop, chunk, samples))
         for row, i in enumerate(chunk):

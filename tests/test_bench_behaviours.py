@@ -19,10 +19,10 @@ counts: {train: 6, heldout: 4, outside: 4, loc_records: 2}
 behaviours:
   - name: short
     behaviour: Be brief.
-    judge: tiny_judges:even
+    judge: bench_judges:even
   - name: languages
     behaviour: Refuse questions about languages.
-    judge: [tiny_judges:even]
+    judge: [bench_judges:even]
     relations: [P37]
     scoped: true
   - name: never
@@ -43,7 +43,7 @@ def _record(i: int, relation: str, subject: str) -> dict:
 
 @pytest.fixture
 def counterfact(tmp_path, monkeypatch):
-    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    (tmp_path / "bench_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     records = [_record(i, "P37" if i % 2 else "P30", f"Place{chr(65 + i)}") for i in range(16)]
     path = tmp_path / "cf.json"

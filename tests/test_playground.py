@@ -123,10 +123,10 @@ def test_playground_lists_a_scoped_behaviour_patch_and_shows_where_it_fires(
     from knowpatch.behaviour_edit import BehaviourJob, run_behaviour
     from knowpatch.judges import parse_judges
 
-    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    (tmp_path / "playground_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     languages = [f"Which language is spoken in town {i}?" for i in range(6)]
-    job = BehaviourJob("Be brief.", parse_judges(["tiny_judges:even"]), languages, [],
+    job = BehaviourJob("Be brief.", parse_judges(["playground_judges:even"]), languages, [],
                        [f"Who owns company number {i}?" for i in range(4)], languages)
     patch, _ = run_behaviour(tiny_editor, job, {"prefixes": 0, "gate": "all", "max_steps": 2,
                                                 "lr": 3e-2, "modules": ["all"]})

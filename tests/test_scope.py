@@ -91,10 +91,10 @@ def test_an_unscoped_behaviour_fires_on_chat_turns_only_unless_everywhere(tiny_e
     from knowpatch.behaviour_edit import BehaviourJob, run_behaviour
     from knowpatch.judges import parse_judges
 
-    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    (tmp_path / "scope_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     values = {"prefixes": 0, "gate": "all", "max_steps": 2, "lr": 3e-2, "modules": ["all"]}
-    judge = parse_judges(["tiny_judges:even"])
+    judge = parse_judges(["scope_judges:even"])
     patch, report = run_behaviour(tiny_editor, BehaviourJob("Be brief.", judge, LANGUAGES), values)
     assert report["scope"] == {"kind": "chat"} and patch.manifest["router"]["scope"]["kind"] == "chat"
     chat, plain = chat_prompt(tiny_editor.tokenizer, OTHERS[0]), "The Louvre is in the city of"

@@ -359,11 +359,11 @@ def test_a_reading_task_runs_inside_batch_collection_a_changing_one_ends_it(tiny
 def test_a_behaviour_edit_over_http_is_checked_then_trained_and_scoped(served, tmp_path, monkeypatch):
     """POST /v1/patches with `behaviour`: bad fields are a 400 naming them (nothing made);
     a good one is a job whose patch is served, fires on its scope and reports its numbers."""
-    (tmp_path / "tiny_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
+    (tmp_path / "server_judges.py").write_text("def even(text):\n    return len(text) % 2 == 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     base = served.base
     languages = [f"Which language is spoken in town {i}?" for i in range(8)]
-    good = {"behaviour": "Be brief.", "prompts": languages, "judge": "tiny_judges:even",
+    good = {"behaviour": "Be brief.", "prompts": languages, "judge": "server_judges:even",
             "heldout": 0.25, "scope": languages,
             "out_of_scope": [f"Who owns company number {i}?" for i in range(6)],
             "settings": {"max_steps": 2, "lr": 3e-2, "modules": ["all"]}}

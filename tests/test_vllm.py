@@ -267,26 +267,22 @@ def test_kill_9_of_knowpatch_during_a_save_on_the_vllm_engine(vllm, tmp_path):
                       vllm[0].url], body, tmp_path)
 
 
-def test_a_vllm_server_that_fails_to_start_is_exit_2_with_its_log(tiny_dir, tmp_path):
-    """`knowpatch serve --engine vllm` on a model vLLM refuses (the tiny model's attention
-    heads of size 16; vLLM's CPU attention takes 32 and up): knowpatch exits 2 with the tail
-    of vLLM's log, and leaves no vLLM process behind."""
+def test_a_vllm_server_that_fails_to_start_is_one_error_with_its_log(tmp_path):
+    """vLLM exits while starting (here: a model folder that holds no model): one error
+    naming the exit, with the tail of vLLM's log, and no vLLM process left behind."""
     import subprocess
 
-    from typer.testing import CliRunner
+    from knowpatch.serve.engines.vllm_process import VLLMProcess
 
-    from knowpatch.cli import app
-
-    home = tmp_path / "home"
-    res = CliRunner().invoke(app, ["serve", "--engine", "vllm", "--model", str(tiny_dir),
-                                   "--store", str(tmp_path / "store"), "--vllm-python",
-                                   _vllm_python()], env={"KNOWPATCH_HOME": str(home)})
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
-    assert "the vLLM server exited with code" in res.stderr, res.stderr
-    log = (home / "logs" / "vllm.log").read_text()
-    assert log.strip() and log.strip().splitlines()[-1][:60] in res.stderr  # its tail is shown
-    left = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server --model {tiny_dir}"],
-                          capture_output=True, text=True)
+    missing = tmp_path / "no-model-here"
+    missing.mkdir()
+    process = VLLMProcess(str(missing), _vllm_python(), tmp_path / "vllm.log", start_timeout=300)
+    with pytest.raises(KnowpatchError, match="the vLLM server exited with code") as failed:
+        process.start()
+    log = (tmp_path / "vllm.log").read_text().strip().splitlines()
+    assert log and log[-1][:60] in str(failed.value)  # its tail is in the message
+    left = subprocess.run(["pgrep", "-f", f"api_server --model {missing}"], capture_output=True,
+                          text=True)
     assert left.stdout.strip() == ""
 
 
